@@ -1,0 +1,105 @@
+"""The runtime shape-check switch.
+
+Checks are off by default and then cost one boolean test per call. ``ATTNAX_SHAPE_CHECKS=1`` in
+the environment (read at import) or the :func:`shape_checks` context manager turns them on:
+every public kernel then runs through jaxtyping + beartype, so a wrong rank, a head_dim that
+differs between query and key, or a key/value head count that does not divide the query's
+raises ``TypeError`` naming the argument, also while tracing under ``jax.jit``.
+"""
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+import beartype
+import jaxtyping
+
+__all__ = [
+    "check_attention_output",
+    "check_head_grouping",
+    "shape_checked",
+    "shape_checks",
+    "shape_checks_enabled",
+]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _env_flag() -> bool:
+    return os.environ.get("ATTNAX_SHAPE_CHECKS", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+# A list, not a bare bool, so the context manager nests and restores exactly.
+_enabled_stack: list[bool] = [_env_flag()]
+
+
+def shape_checks_enabled() -> bool:
+    """Whether runtime shape checks are on."""
+    return _enabled_stack[-1]
+
+
+@contextlib.contextmanager
+def shape_checks(enabled: bool = True) -> Iterator[None]:
+    """Turn runtime shape checks on (or off) inside a ``with`` block.
+
+    Checks happen when a kernel is traced, so a function jitted outside the block keeps the
+    behaviour it was traced with.
+    """
+    _enabled_stack.append(enabled)
+    try:
+        yield
+    finally:
+        _enabled_stack.pop()
+
+
+def check_head_grouping(query_heads: int, kv_heads: int, *, argument: str = "key") -> None:
+    """Raise ``TypeError`` unless the key/value head count divides the query head count."""
+    if kv_heads < 1 or query_heads % kv_heads != 0:
+        raise TypeError(
+            f"`{argument}` has {kv_heads} heads, which does not divide the query's "
+            f"{query_heads} heads; give key and value a head count that divides it "
+            "(num_kv_heads in the layer)."
+        )
+
+
+def _grouping_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    query = kwargs.get("query", args[0] if len(args) > 0 else None)
+    key = kwargs.get("key", args[1] if len(args) > 1 else None)
+    value = kwargs.get("value", args[2] if len(args) > 2 else None)
+    shapes = [getattr(x, "shape", None) for x in (query, key, value)]
+    if any(s is None or len(s) != 4 for s in shapes):
+        return  # jaxtyping reports rank errors with the argument's name.
+    q_shape, k_shape, v_shape = shapes
+    assert q_shape is not None and k_shape is not None and v_shape is not None
+    check_head_grouping(q_shape[1], k_shape[1], argument="key")
+    check_head_grouping(q_shape[1], v_shape[1], argument="value")
+
+
+def shape_checked(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a kernel so that its jaxtyping annotations are enforced while checks are on."""
+    checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not _enabled_stack[-1]:
+            return fn(*args, **kwargs)
+        _grouping_of(args, kwargs)
+        return checked(*args, **kwargs)
+
+    return wrapper
+
+
+def check_attention_output(output: Any, query: Any, *, source: str) -> None:
+    """Check a user ``attention_fn``'s output against the query's layout (when checks are on)."""
+    if not _enabled_stack[-1]:
+        return
+    expected = tuple(query.shape)
+    got = tuple(getattr(output, "shape", ()))
+    if got != expected:
+        raise TypeError(
+            f"{source} returned an array of shape {got}; an AttentionFn must return the query's "
+            f"layout (batch, heads, seq, head_dim) = {expected}."
+        )

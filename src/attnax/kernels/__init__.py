@@ -1,0 +1,5 @@
+"""Attention kernels: pure functions of arrays, usable without the layer."""
+
+from ._standard import standard_attention as standard_attention
+
+__all__ = ["standard_attention"]

@@ -1,0 +1,129 @@
+"""Pieces every softmax kernel shares: argument checks, scale, masked scores, safe softmax."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from .._typing import AttentionMask, MaskMod, ScoreIndex, ScoreMod
+
+__all__ = [
+    "accumulation_dtype",
+    "apply_score_mods",
+    "check_dropout",
+    "check_qkv",
+    "default_scale",
+    "safe_normaliser",
+    "safe_row_max",
+]
+
+
+def check_qkv(query: Array, key: Array, value: Array, *, name: str) -> None:
+    """Validate ranks, head grouping and head_dim with errors that name the argument.
+
+    These checks are free (static shapes) and always on: a wrong layout must never produce a
+    silent wrong answer, whether or not jaxtyping checks are enabled.
+    """
+    for arg, array in (("query", query), ("key", key), ("value", value)):
+        if array.ndim != 4:
+            raise ValueError(
+                f"{name}: `{arg}` must have rank 4 (batch, heads, seq, head_dim), got shape "
+                f"{array.shape}."
+            )
+    if key.shape != value.shape:
+        raise ValueError(
+            f"{name}: `key` {key.shape} and `value` {value.shape} must have the same shape."
+        )
+    if query.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"{name}: `query` batch {query.shape[0]} differs from `key` batch {key.shape[0]}."
+        )
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"{name}: `query` head_dim {query.shape[-1]} differs from `key` head_dim "
+            f"{key.shape[-1]}."
+        )
+    if query.shape[1] % key.shape[1] != 0:
+        raise ValueError(
+            f"{name}: `key` has {key.shape[1]} heads, which does not divide the query's "
+            f"{query.shape[1]}; use a key/value head count that divides it."
+        )
+
+
+def check_mask(mask: AttentionMask | None, query: Array, key: Array, *, name: str) -> None:
+    """A mask must be rank 4 and broadcastable to (B, H, T, S)."""
+    if mask is None:
+        return
+    target = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
+        raise ValueError(
+            f"{name}: `mask` of shape {mask.shape} is not broadcastable to (batch, heads, seq_q, "
+            f"seq_kv) = {target}; give a rank-4 boolean mask (size-1 axes broadcast)."
+        )
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"{name}: `mask` must be boolean (True = attend), got dtype {mask.dtype}; use a "
+            "score mod (additive_bias_mod) for additive biases."
+        )
+
+
+def check_dropout(
+    dropout_rate: float, dropout_rng: jax.Array | None, deterministic: bool, *, name: str
+) -> bool:
+    """Validate dropout arguments; returns whether dropout is active."""
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"{name}: `dropout_rate` must be in [0, 1), got {dropout_rate}.")
+    active = dropout_rate > 0.0 and not deterministic
+    if active and dropout_rng is None:
+        raise ValueError(
+            f"{name}: `dropout_rng` is required when dropout_rate > 0 and deterministic=False."
+        )
+    return active
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    """``1 / sqrt(head_dim)`` unless the caller gives a scale."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """float32 for half-precision inputs, the input's own dtype otherwise (float32, float64)."""
+    return jnp.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
+def apply_score_mods(
+    scores: Float[Array, "*#tile"],
+    *,
+    mask_mod: MaskMod | None,
+    value_mod: ScoreMod | None,
+    b_idx: ScoreIndex,
+    h_idx: ScoreIndex,
+    q_idx: ScoreIndex,
+    kv_idx: ScoreIndex,
+    allowed: Bool[Array, "*#tile"] | None = None,
+) -> tuple[Float[Array, "*#tile"], Bool[Array, "*#tile"] | None]:
+    """Apply the value mod, then the mask mod and an extra boolean ``allowed``.
+
+    Returns the modified scores (disallowed set to -inf) and the combined boolean mask (None
+    when nothing masks).
+    """
+    if value_mod is not None:
+        scores = value_mod(scores, b_idx, h_idx, q_idx, kv_idx).astype(scores.dtype)
+    if mask_mod is not None:
+        mod_allowed = jnp.asarray(mask_mod(b_idx, h_idx, q_idx, kv_idx), bool)
+        allowed = mod_allowed if allowed is None else allowed & mod_allowed
+    if allowed is not None:
+        scores = jnp.where(allowed, scores, -jnp.inf)
+    return scores, allowed
+
+
+def safe_row_max(scores: Float[Array, "*rows S"]) -> Float[Array, "*rows 1"]:
+    """Row maximum with fully masked rows (all -inf) mapped to 0, so exp() gives 0, not NaN."""
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    return jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+
+
+def safe_normaliser(denominator: Float[Array, "*rows"]) -> Float[Array, "*rows"]:
+    """A softmax denominator with empty rows mapped to 1, so their output is exactly zero."""
+    return jnp.where(denominator > 0.0, denominator, 1.0)

@@ -1,0 +1,80 @@
+"""An independent float64 reference for softmax attention, and random-input helpers.
+
+The reference is written in NumPy, not with attnax's kernels: score mods (JAX callables) are
+evaluated under float64 (``jax.enable_x64``) on dense index grids, everything else is NumPy.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["random_qkv", "reference_attention", "relative_error"]
+
+
+def random_qkv(
+    seed: int,
+    *,
+    batch: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    seq_q: int = 16,
+    seq_kv: int | None = None,
+    head_dim: int = 16,
+    dtype: Any = jnp.float32,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fresh normal query/key/value (never zeros) in the (B, H, T, D) layout."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    seq_kv = seq_q if seq_kv is None else seq_kv
+    query = jax.random.normal(kq, (batch, num_heads, seq_q, head_dim), jnp.float32)
+    key = jax.random.normal(kk, (batch, num_kv_heads, seq_kv, head_dim), jnp.float32)
+    value = jax.random.normal(kv, (batch, num_kv_heads, seq_kv, head_dim), jnp.float32)
+    return query.astype(dtype), key.astype(dtype), value.astype(dtype)
+
+
+def reference_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    mask: Any = None,
+    score_mod: Any = None,
+    scale: float | None = None,
+) -> np.ndarray:
+    """float64 softmax attention; GQA by repeating heads (fine in a reference)."""
+    q = np.asarray(query, np.float64)
+    k = np.asarray(key, np.float64)
+    v = np.asarray(value, np.float64)
+    batch, num_heads, seq_q, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    seq_kv = k.shape[2]
+    s = np.einsum("bhtd,bhsd->bhts", q, k) * (head_dim**-0.5 if scale is None else scale)
+    if score_mod is not None:
+        with jax.enable_x64(True):
+            b = jnp.arange(batch).reshape(-1, 1, 1, 1)
+            h = jnp.arange(num_heads).reshape(1, -1, 1, 1)
+            qi = jnp.arange(seq_q).reshape(1, 1, -1, 1)
+            ki = jnp.arange(seq_kv).reshape(1, 1, 1, -1)
+            s = np.asarray(score_mod(jnp.asarray(s, jnp.float64), b, h, qi, ki), np.float64)
+            s = np.broadcast_to(s, (batch, num_heads, seq_q, seq_kv))
+    if mask is not None:
+        s = np.where(np.broadcast_to(np.asarray(mask, bool), s.shape), s, -np.inf)
+    row_max = s.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    p = np.exp(s - row_max)
+    denominator = p.sum(axis=-1, keepdims=True)
+    p = p / np.where(denominator > 0, denominator, 1.0)
+    return np.einsum("bhts,bhsd->bhtd", p, v)
+
+
+def relative_error(actual: Any, expected: Any) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64; NaN anywhere gives inf."""
+    a = np.asarray(actual, np.float64)
+    e = np.asarray(expected, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))

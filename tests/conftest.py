@@ -1,0 +1,20 @@
+"""Test-suite set-up: shape checks on for everything, float32 matmuls at full precision on CPU."""
+
+import os
+
+os.environ.setdefault("ATTNAX_SHAPE_CHECKS", "1")
+# Multi-device tests (ring attention) need virtual CPU devices, set before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    on_gpu = jax.default_backend() == "gpu"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not on_gpu:
+            item.add_marker(skip_gpu)
