@@ -1,0 +1,440 @@
+"""``MultiHeadAttention``: a thin NNX layer that projects, rotates, caches and calls a kernel.
+
+Data flows one way: spec -> projections -> RoPE -> KV cache -> kernel -> output projection ->
+dropout. Which kernel runs is decided in one table (:data:`_BACKENDS`).
+"""
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, overload
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from ._cache import KVLayerCache, PagedKVCache
+from ._checks import check_attention_output
+from ._mods import CausalMask, MaskScoreMod, SlidingWindowMask, compose_score_mods, split_score_mod
+from ._rope import apply_rope, rope_table
+from ._spec import AttentionSpec, AttentionType
+from ._typing import AttentionFn, AttentionMask, ScoreMod
+
+__all__ = ["MultiHeadAttention", "RotaryTable"]
+
+
+class RotaryTable(nnx.Variable[jax.Array]):
+    """The precomputed RoPE cos/sin table: layer state, never trained."""
+
+
+# (batch, seq, heads, head_dim) in and out; the layer keeps that layout around the kernel so
+# backends that want it (cuDNN) need no transposes.
+_BTHDKernel = Callable[..., Float[Array, "B T H D"]]
+
+
+def _bhtd(kernel: AttentionFn) -> _BTHDKernel:
+    """Adapt a (batch, heads, seq, head_dim) kernel to the layer's (batch, seq, heads, dim)."""
+
+    def run(query: Array, key: Array, value: Array, **kwargs: Any) -> Array:
+        out = kernel(
+            jnp.swapaxes(query, 1, 2),
+            jnp.swapaxes(key, 1, 2),
+            jnp.swapaxes(value, 1, 2),
+            **kwargs,
+        )
+        return jnp.swapaxes(out, 1, 2)
+
+    return run
+
+
+def _standard(spec: AttentionSpec) -> _BTHDKernel:
+    from .kernels._standard import standard_attention
+
+    return _bhtd(standard_attention)
+
+
+def _memory_efficient(spec: AttentionSpec) -> _BTHDKernel:
+    from .kernels._memory_efficient import memory_efficient_attention
+
+    return _bhtd(
+        functools.partial(memory_efficient_attention, block_size=spec.attention_block_size)
+    )
+
+
+def _flash(spec: AttentionSpec) -> _BTHDKernel:
+    from .kernels._flash import flash_attention_bthd
+
+    return functools.partial(flash_attention_bthd, block_size=spec.attention_block_size)
+
+
+def _pallas_flash(spec: AttentionSpec) -> _BTHDKernel:
+    from .kernels._pallas_flash import pallas_flash_attention
+
+    # Triton tiles want powers of two with at least 16 rows per dot; larger than 128 spills.
+    block = 1 << (spec.attention_block_size.bit_length() - 1)
+    block = max(16, min(block, 128))
+    return _bhtd(functools.partial(pallas_flash_attention, block_q=block, block_kv=block))
+
+
+def _linear(spec: AttentionSpec) -> _BTHDKernel:
+    from .kernels._linear import linear_attention
+
+    chunk = spec.linear_attention_chunk_size
+
+    def run(query: Array, key: Array, value: Array, *, mask: AttentionMask | None = None,
+            score_mod: ScoreMod | None = None, **kwargs: Any) -> Array:
+        causal = _linear_causality(score_mod, "linear")
+        seq = query.shape[1]
+        if causal and seq % chunk != 0:
+            # Causal chunking needs whole chunks: pad at the end, where no real query looks.
+            pad = chunk - seq % chunk
+            widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+            query, key, value = (jnp.pad(x, widths) for x in (query, key, value))
+            if mask is not None and mask.shape[-1] != 1:
+                mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=False)
+        out = _bhtd(functools.partial(linear_attention, causal=causal, chunk_size=chunk))(
+            query, key, value, mask=mask, **kwargs
+        )
+        return out[:, :seq]
+
+    return run
+
+
+def _lite(spec: AttentionSpec) -> _BTHDKernel:
+    from .kernels._lite import lite_attention
+
+    def run(query: Array, key: Array, value: Array, *, score_mod: ScoreMod | None = None,
+            gate: Array | None = None, **kwargs: Any) -> Array:
+        causal = _linear_causality(score_mod, "lite")
+        gate_bhtd = None if gate is None else jnp.swapaxes(gate, 1, 2)
+        return _bhtd(functools.partial(lite_attention, causal=causal, gate=gate_bhtd))(
+            query, key, value, **kwargs
+        )
+
+    return run
+
+
+def _linear_causality(score_mod: ScoreMod | None, backend: str) -> bool:
+    """LINEAR and LITE have no per-pair scores: a causal mask becomes their ``causal`` flag, and
+    any other score mod is ignored with a warning (documented on the layer)."""
+    mask_mod, value_mod = split_score_mod(score_mod)
+    causal = isinstance(mask_mod, CausalMask)
+    if value_mod is not None or (mask_mod is not None and not causal):
+        warnings.warn(
+            f"attention_type={backend!r} cannot apply score mods other than causal masking; the "
+            "score mod is ignored. Use a softmax backend (flash, pallas_flash, memory_efficient, "
+            "standard) to apply it.",
+            stacklevel=4,
+        )
+    return causal
+
+
+_BACKENDS: dict[AttentionType, Callable[[AttentionSpec], _BTHDKernel]] = {
+    AttentionType.STANDARD: _standard,
+    AttentionType.MEMORY_EFFICIENT: _memory_efficient,
+    AttentionType.FLASH: _flash,
+    AttentionType.PALLAS_FLASH: _pallas_flash,
+    AttentionType.LINEAR: _linear,
+    AttentionType.LITE: _lite,
+}
+
+
+def _user_kernel(attention_fn: AttentionFn) -> _BTHDKernel:
+    """Wrap a user ``attention_fn``: layout adapter plus the output shape check."""
+
+    def run(query: Array, key: Array, value: Array, **kwargs: Any) -> Array:
+        query_bhtd = jnp.swapaxes(query, 1, 2)
+        out = attention_fn(
+            query_bhtd, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2), **kwargs
+        )
+        check_attention_output(out, query_bhtd, source="attention_fn")
+        return jnp.swapaxes(out, 1, 2)
+
+    return run
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention (MHA, GQA, MQA) with RoPE, score mods, sliding windows and KV caches.
+
+    Every constructor argument is validated by :class:`AttentionSpec` first, so a bad
+    combination raises ``ValueError`` (a pydantic ``ValidationError``) naming the field.
+
+    Args:
+      rngs: random streams for parameter init and dropout.
+      num_heads: query heads.
+      in_features: width of the input (and of ``context`` for cross-attention).
+      qkv_features: total query width, ``num_heads * head_dim`` (default ``in_features``).
+      out_features: output width (default ``in_features``).
+      num_kv_heads: key/value heads, a divisor of ``num_heads`` (default ``num_heads``).
+      dropout_rate: dropout on the layer's output.
+      broadcast_dropout: share the output-dropout mask across the batch.
+      decode: reserved for a stateful decode mode; decoding goes through ``kv_cache=``.
+      attention_type: the backend (:class:`AttentionType` or its string value).
+      attention_block_size: block size of the blockwise backends (PALLAS_FLASH rounds it down to
+        a power of two and clamps it to [16, 128]).
+      linear_attention_chunk_size: chunk size of LINEAR (inputs are padded to whole chunks).
+      attention_fn: any :class:`AttentionFn`; it beats ``attention_type``.
+      score_mod: applied on every call, composed before a per-call ``score_mod``.
+      attention_window: causal sliding window over absolute positions.
+      use_rope: rotate queries and keys (RoPE).
+      rope_base: RoPE frequency base.
+      rope_max_positions: size of the precomputed RoPE table (positions must stay below it).
+      dtype: computation dtype name (default: inferred from inputs and parameters).
+      param_dtype: parameter dtype name.
+
+    LINEAR and LITE have no per-pair scores: a causal mask mod becomes their causal form, other
+    score mods are ignored with a warning.
+    """
+
+    def __init__(
+        self,
+        rngs: nnx.Rngs,
+        *,
+        num_heads: int,
+        in_features: int,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        num_kv_heads: int | None = None,
+        dropout_rate: float = 0.0,
+        broadcast_dropout: bool = True,
+        decode: bool = False,
+        attention_type: AttentionType | str = AttentionType.STANDARD,
+        attention_block_size: int = 512,
+        linear_attention_chunk_size: int = 64,
+        attention_fn: AttentionFn | None = None,
+        score_mod: ScoreMod | None = None,
+        attention_window: int | None = None,
+        use_rope: bool = False,
+        rope_base: float = 10000.0,
+        rope_max_positions: int = 4096,
+        dtype: str | None = None,
+        param_dtype: str = "float32",
+    ) -> None:
+        spec = AttentionSpec(
+            num_heads=num_heads,
+            in_features=in_features,
+            qkv_features=qkv_features,
+            out_features=out_features,
+            num_kv_heads=num_kv_heads,
+            dropout_rate=dropout_rate,
+            broadcast_dropout=broadcast_dropout,
+            decode=decode,
+            attention_type=AttentionType(attention_type),
+            attention_block_size=attention_block_size,
+            linear_attention_chunk_size=linear_attention_chunk_size,
+            attention_fn=attention_fn,
+            score_mod=score_mod,
+            attention_window=attention_window,
+            use_rope=use_rope,
+            rope_base=rope_base,
+            rope_max_positions=rope_max_positions,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        self._build(spec, rngs)
+
+    @classmethod
+    def from_spec(cls, spec: AttentionSpec, *, rngs: nnx.Rngs) -> "MultiHeadAttention":
+        """Build a layer from a spec (its fields become the constructor's arguments)."""
+        fields = {name: getattr(spec, name) for name in type(spec).model_fields}
+        return cls(rngs, **fields)
+
+    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
+        self._spec = spec
+        dtype = None if spec.dtype is None else jnp.dtype(spec.dtype)
+        param_dtype = jnp.dtype(spec.param_dtype)
+        linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = linear(spec.in_features, spec.resolved_qkv_features)
+        self.key = linear(spec.in_features, spec.kv_features)
+        self.value = linear(spec.in_features, spec.kv_features)
+        self.out = linear(spec.resolved_qkv_features, spec.resolved_out_features)
+        self.gate = (
+            linear(spec.in_features, spec.resolved_qkv_features)
+            if spec.attention_type == AttentionType.LITE and spec.attention_fn is None
+            else nnx.data(None)
+        )
+        self.rope = (
+            RotaryTable(rope_table(spec.rope_max_positions, spec.head_dim, spec.rope_base))
+            if spec.use_rope
+            else nnx.data(None)
+        )
+        self.dropout = nnx.Dropout(
+            spec.dropout_rate, broadcast_dims=(0,) if spec.broadcast_dropout else (), rngs=rngs
+        )
+        self._kernel = (
+            _user_kernel(spec.attention_fn)
+            if spec.attention_fn is not None
+            else _BACKENDS[spec.attention_type](spec)
+        )
+
+    @property
+    def spec(self) -> AttentionSpec:
+        """The validated spec this layer was built from."""
+        return self._spec
+
+    @overload
+    def __call__(
+        self,
+        x: Float[Array, "B T F"],
+        *,
+        context: Float[Array, "B S F"] | None = None,
+        mask: Bool[Array, "#B #H #T #S"] | None = None,
+        deterministic: bool | None = None,
+        position_ids_q: Int[Array, "#B T"] | None = None,
+        position_ids_kv: Int[Array, "#B S"] | None = None,
+        score_mod: ScoreMod | None = None,
+        kv_cache: None = None,
+    ) -> Float[Array, "B T O"]: ...
+
+    @overload
+    def __call__(
+        self,
+        x: Float[Array, "B T F"],
+        *,
+        context: Float[Array, "B S F"] | None = None,
+        mask: Bool[Array, "#B #H #T #S"] | None = None,
+        deterministic: bool | None = None,
+        position_ids_q: Int[Array, "#B T"] | None = None,
+        position_ids_kv: Int[Array, "#B S"] | None = None,
+        score_mod: ScoreMod | None = None,
+        kv_cache: KVLayerCache,
+    ) -> tuple[Float[Array, "B T O"], KVLayerCache]: ...
+
+    @overload
+    def __call__(
+        self,
+        x: Float[Array, "B T F"],
+        *,
+        context: Float[Array, "B S F"] | None = None,
+        mask: Bool[Array, "#B #H #T #S"] | None = None,
+        deterministic: bool | None = None,
+        position_ids_q: Int[Array, "#B T"] | None = None,
+        position_ids_kv: Int[Array, "#B S"] | None = None,
+        score_mod: ScoreMod | None = None,
+        kv_cache: PagedKVCache,
+    ) -> tuple[Float[Array, "B T O"], PagedKVCache]: ...
+
+    def __call__(
+        self,
+        x: Float[Array, "B T F"],
+        *,
+        context: Float[Array, "B S F"] | None = None,
+        mask: Bool[Array, "#B #H #T #S"] | None = None,
+        deterministic: bool | None = None,
+        position_ids_q: Int[Array, "#B T"] | None = None,
+        position_ids_kv: Int[Array, "#B S"] | None = None,
+        score_mod: ScoreMod | None = None,
+        kv_cache: KVLayerCache | PagedKVCache | None = None,
+    ) -> Float[Array, "B T O"] | tuple[Float[Array, "B T O"], KVLayerCache | PagedKVCache]:
+        """Attend from ``x`` to itself (or to ``context``).
+
+        Args:
+          x: (batch, seq_q, in_features).
+          context: (batch, seq_kv, in_features) for cross-attention; ``x`` when None.
+          mask: boolean, broadcastable to (batch, num_heads, seq_q, seq_kv); True = attend.
+          deterministic: no dropout when True; None follows the module's train/eval state.
+          position_ids_q: RoPE positions of the queries, (batch or 1, seq_q); default
+            0..seq_q-1, or each row's cache length + i when decoding.
+          position_ids_kv: RoPE positions of the keys (default like the queries' for
+            self-attention, 0..seq_kv-1 for cross-attention).
+          score_mod: composed after the constructor's score mod for this call.
+          kv_cache: a :class:`KVLayerCache` or :class:`PagedKVCache`; the new keys and values
+            are appended at each row's length and attention covers the whole cache with
+            absolute positions. The call then returns ``(out, new_cache)``.
+
+        Returns:
+          (batch, seq_q, out_features), or ``(out, new_cache)`` when ``kv_cache`` is given.
+        """
+        spec = self._spec
+        if x.ndim != 3 or x.shape[-1] != spec.in_features:
+            raise ValueError(
+                f"`x` must have shape (batch, seq, in_features={spec.in_features}), got {x.shape}."
+            )
+        if context is not None and (
+            context.ndim != 3
+            or context.shape[0] != x.shape[0]
+            or context.shape[-1] != spec.in_features
+        ):
+            raise ValueError(
+                f"`context` must have shape (batch={x.shape[0]}, seq_kv, in_features="
+                f"{spec.in_features}), got {context.shape}."
+            )
+        if kv_cache is not None and context is not None:
+            raise ValueError("`kv_cache` caches self-attention keys; do not pass `context` with it.")
+        batch, seq_q, _ = x.shape
+        kv_input = x if context is None else context
+        seq_kv = kv_input.shape[1]
+        heads, kv_heads, head_dim = spec.num_heads, spec.resolved_num_kv_heads, spec.head_dim
+
+        query = self.query(x).reshape(batch, seq_q, heads, head_dim)
+        key = self.key(kv_input).reshape(batch, seq_kv, kv_heads, head_dim)
+        value = self.value(kv_input).reshape(batch, seq_kv, kv_heads, head_dim)
+
+        if kv_cache is not None:
+            return self._attend_cached(
+                x, query, key, value, kv_cache,
+                mask=mask, deterministic=deterministic, position_ids_q=position_ids_q,
+                score_mod=score_mod,
+            )
+
+        if spec.use_rope:
+            assert isinstance(self.rope, RotaryTable)
+            table = self.rope[...]
+            default_q = jnp.arange(seq_q)[None]
+            pos_q = default_q if position_ids_q is None else position_ids_q
+            if position_ids_kv is not None:
+                pos_kv = position_ids_kv
+            elif context is None:
+                pos_kv = pos_q
+            else:
+                pos_kv = jnp.arange(seq_kv)[None]
+            query = apply_rope(query, pos_q, table, argument="position_ids_q")
+            key = apply_rope(key, pos_kv, table, argument="position_ids_kv")
+
+        window_mod = (
+            None
+            if spec.attention_window is None
+            else MaskScoreMod(SlidingWindowMask(spec.attention_window, causal=True))
+        )
+        combined_mod = compose_score_mods(spec.score_mod, score_mod, window_mod)
+        out = self._run_kernel(x, query, key, value, mask=mask, score_mod=combined_mod)
+        return self._project_out(out, deterministic)
+
+    def _run_kernel(
+        self,
+        x: Array,
+        query: Array,
+        key: Array,
+        value: Array,
+        *,
+        mask: AttentionMask | None,
+        score_mod: ScoreMod | None,
+    ) -> Array:
+        extra: dict[str, Any] = {}
+        if self.gate is not None:
+            batch, seq_q, _ = x.shape
+            extra["gate"] = self.gate(x).reshape(batch, seq_q, self._spec.num_heads, -1)
+        return self._kernel(query, key, value, mask=mask, score_mod=score_mod, **extra)
+
+    def _project_out(self, out: Array, deterministic: bool | None) -> Array:
+        batch, seq_q = out.shape[:2]
+        projected = self.out(out.reshape(batch, seq_q, -1))
+        return self.dropout(projected, deterministic=deterministic)
+
+    def _attend_cached(
+        self,
+        x: Array,
+        query: Array,
+        key: Array,
+        value: Array,
+        kv_cache: KVLayerCache | PagedKVCache,
+        *,
+        mask: AttentionMask | None,
+        deterministic: bool | None,
+        position_ids_q: Array | None,
+        score_mod: ScoreMod | None,
+    ) -> tuple[Array, KVLayerCache | PagedKVCache]:
+        raise NotImplementedError(
+            "decoding with kv_cache is not built yet (issue: decoding); call without kv_cache."
+        )
