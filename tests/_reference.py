@@ -68,7 +68,8 @@ def reference_attention(
     p = np.exp(s - row_max)
     denominator = p.sum(axis=-1, keepdims=True)
     p = p / np.where(denominator > 0, denominator, 1.0)
-    return np.einsum("bhts,bhsd->bhtd", p, v)
+    out: np.ndarray = np.einsum("bhts,bhsd->bhtd", p, v)
+    return out
 
 
 def relative_error(actual: Any, expected: Any) -> float:
@@ -77,4 +78,4 @@ def relative_error(actual: Any, expected: Any) -> float:
     e = np.asarray(expected, np.float64)
     if not np.all(np.isfinite(a)):
         return float("inf")
-    return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
+    return float(np.linalg.norm(a - e)) / max(float(np.linalg.norm(e)), 1e-30)

@@ -23,7 +23,8 @@ def _rope_np(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
     freqs = base ** (-np.arange(0, x.shape[-1], 2) / x.shape[-1])
     angle = positions[..., None].astype(np.float64) * freqs  # (B|1, T, half)
     z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * angle)[:, :, None, :]
-    return np.concatenate([z.real, z.imag], axis=-1)
+    rotated: np.ndarray = np.concatenate([z.real, z.imag], axis=-1)
+    return rotated
 
 
 def reference_layer(
@@ -63,7 +64,8 @@ def reference_layer(
         q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
         score_mod=combined, mask=mask,
     )
-    return attended.transpose(0, 2, 1, 3).reshape(batch, seq_q, -1) @ wo + bo
+    projected: np.ndarray = attended.transpose(0, 2, 1, 3).reshape(batch, seq_q, -1) @ wo + bo
+    return projected
 
 
 SOFTMAX_TYPES = ["standard", "memory_efficient", "flash", "pallas_flash"]
@@ -182,9 +184,9 @@ def test_output_dropout_broadcast_and_train_eval_state() -> None:
     kept = ~zeros
     np.testing.assert_allclose(np.asarray(dropped)[kept], 2.0 * np.asarray(clean)[kept], rtol=1e-5)
 
-    layer.eval()
+    layer.eval()  # type: ignore[no-untyped-call]
     np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(clean))
-    layer.train()
+    layer.train()  # type: ignore[no-untyped-call]
     assert bool(jnp.any(layer(x) == 0))
 
     independent = attnax.MultiHeadAttention(

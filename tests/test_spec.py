@@ -82,11 +82,11 @@ def test_derived_values() -> None:
 
 
 def test_frozen_and_hashable_static_jit_argument() -> None:
-    spec = attnax.AttentionSpec(num_heads=2, in_features=8, attention_type="flash")
+    spec = attnax.AttentionSpec(num_heads=2, in_features=8, attention_type=attnax.AttentionType.FLASH)
     assert spec.attention_type is attnax.AttentionType.FLASH
     with pytest.raises(ValidationError):
         spec.num_heads = 4  # type: ignore[misc]
-    same = attnax.AttentionSpec(num_heads=2, in_features=8, attention_type=attnax.AttentionType.FLASH)
+    same = attnax.AttentionSpec.model_validate({"num_heads": 2, "in_features": 8, "attention_type": "flash"})
     assert hash(spec) == hash(same) and spec == same
 
     traces = []

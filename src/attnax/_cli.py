@@ -60,12 +60,12 @@ def _time_call(
     fn: Callable[..., jax.Array], *args: object, repeats: int = 5
 ) -> tuple[jax.Array, float]:
     out = fn(*args)
-    jax.block_until_ready(out)
+    out.block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         out = fn(*args)
-        jax.block_until_ready(out)
+        out.block_until_ready()
         times.append(time.perf_counter() - start)
     return out, float(np.median(times))
 

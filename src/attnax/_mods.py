@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Int8
 
 from ._typing import AttentionMask, MaskMod, ScoreIndex, ScoreMod, Scores
@@ -241,7 +242,7 @@ def _range_min_max(
     lo_flat = jnp.reshape(lo, (-1, 1))
     hi_flat = jnp.reshape(jnp.broadcast_to(hi, lo.shape), (-1, 1))
     inside = (positions >= lo_flat) & (positions < hi_flat)  # (blocks, N)
-    info = jnp.iinfo(ids.dtype)
+    info = np.iinfo(ids.dtype)
     mins = jnp.min(jnp.where(inside, ids[:, None, :], info.max), axis=-1)  # (B, blocks)
     maxs = jnp.max(jnp.where(inside, ids[:, None, :], info.min), axis=-1)
     block_index = jnp.arange(lo_flat.shape[0]).reshape(lo.shape)
@@ -253,7 +254,7 @@ def _range_min_max(
 class AndMask:
     """The intersection of several mask mods."""
 
-    mask_mods: tuple[Any, ...]
+    mask_mods: tuple[MaskMod, ...]
 
     def __call__(
         self, b_idx: ScoreIndex, h_idx: ScoreIndex, q_idx: ScoreIndex, kv_idx: ScoreIndex, /
@@ -305,9 +306,9 @@ class OffsetMask:
     Offsets are ints or (batch,) arrays; a KV cache uses them to give absolute positions.
     """
 
-    mask_mod: Any
-    q_offset: Any = 0
-    kv_offset: Any = 0
+    mask_mod: MaskMod
+    q_offset: _Offset = 0
+    kv_offset: _Offset = 0
 
     def __call__(
         self, b_idx: ScoreIndex, h_idx: ScoreIndex, q_idx: ScoreIndex, kv_idx: ScoreIndex, /
@@ -345,7 +346,7 @@ class OffsetMask:
 class MaskScoreMod:
     """A score mod that sets disallowed scores to ``-inf``; kernels read ``mask_mod`` to skip."""
 
-    mask_mod: Any
+    mask_mod: MaskMod
 
     def __call__(
         self,
@@ -447,7 +448,7 @@ class AdditiveBiasMod:
 class ComposedScoreMod:
     """Several score mods; mask parts exclude positions, value parts apply left to right."""
 
-    score_mods: tuple[Any, ...]
+    score_mods: tuple[ScoreMod, ...]
 
     def __call__(
         self,
@@ -471,7 +472,7 @@ class ComposedScoreMod:
 class _ValueChain:
     """Value score mods applied left to right (no masks inside)."""
 
-    score_mods: tuple[Any, ...]
+    score_mods: tuple[ScoreMod, ...]
 
     def __call__(
         self,
@@ -492,9 +493,9 @@ class _ValueChain:
 class OffsetScoreMod:
     """A score mod seen from shifted positions (see :class:`OffsetMask`)."""
 
-    score_mod: Any
-    q_offset: Any = 0
-    kv_offset: Any = 0
+    score_mod: ScoreMod
+    q_offset: _Offset = 0
+    kv_offset: _Offset = 0
 
     def __call__(
         self,

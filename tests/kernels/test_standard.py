@@ -1,5 +1,7 @@
 """The reference kernel against the float64 NumPy reference: values, gradients, dropout."""
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,7 @@ CASES = [
     dict(num_heads=6, num_kv_heads=1, seq_q=17, seq_kv=5),  # MQA
 ]
 
-MODS = {
+MODS: dict[str, Callable[[int], attnax.ScoreMod | None]] = {
     "none": lambda heads: None,
     "causal": lambda heads: attnax.causal_mod(),
     "alibi+causal": lambda heads: attnax.compose_score_mods(attnax.causal_mod(), attnax.alibi_mod(heads)),
@@ -60,14 +62,16 @@ def test_gradients_match_float64() -> None:
     mask = jnp.tril(jnp.ones((7, 11), bool), k=4)[None, None]
     cot = jax.random.normal(jax.random.key(2), q.shape)
 
-    def loss(fn, *a):  # type: ignore[no-untyped-def]
-        return jnp.sum(fn(*a) * cot.astype(a[0].dtype))
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.sum(attnax.standard_attention(q, k, v, mask=mask) * cot)
 
-    got = jax.grad(lambda *a: loss(lambda *b: attnax.standard_attention(*b, mask=mask), *a), argnums=(0, 1, 2))(q, k, v)
+    def loss64(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.sum(_x64_attention(q, k, v, mask) * cot.astype(jnp.float64))
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     with jax.enable_x64(True):
         q64, k64, v64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v))
-        want = jax.grad(lambda *a: loss(lambda *b: _x64_attention(*b, mask), *a), argnums=(0, 1, 2))(q64, k64, v64)
-        want = [np.asarray(w) for w in want]
+        want = [np.asarray(w) for w in jax.grad(loss64, argnums=(0, 1, 2))(q64, k64, v64)]
     for g, w in zip(got, want, strict=True):
         assert relative_error(g, w) < 1e-5
 
