@@ -1,0 +1,248 @@
+"""linear_attention against an independent float64 NumPy quadratic form of the same formula."""
+
+from typing import Any
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnax._mods import causal_mod
+from attnax.kernels._linear import linear_attention
+from tests._reference import random_qkv, relative_error
+
+
+def _phi_np(x: np.ndarray) -> np.ndarray:
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def linear_reference(
+    query: Any,
+    key: Any,
+    value: Any,
+    *,
+    causal: bool,
+    key_mask: Any = None,
+    scale: float = 1.0,
+) -> np.ndarray:
+    """float64 quadratic form: weights phi(s q_t)·phi(k_j) over allowed j, row-normalised."""
+    q = np.asarray(query, np.float64)
+    k = np.asarray(key, np.float64)
+    v = np.asarray(value, np.float64)
+    group = q.shape[1] // k.shape[1]
+    k = np.repeat(k, group, axis=1)
+    v = np.repeat(v, group, axis=1)
+    weights = np.einsum("bhtd,bhsd->bhts", _phi_np(q * scale), _phi_np(k))
+    allowed = np.ones(weights.shape, bool)
+    if causal:
+        allowed &= np.tril(np.ones(weights.shape[-2:], bool))
+    if key_mask is not None:
+        allowed &= np.asarray(key_mask, bool)[:, None, None, :]
+    weights = np.where(allowed, weights, 0.0)
+    numerator = np.einsum("bhts,bhsd->bhtd", weights, v)
+    denominator = weights.sum(-1, keepdims=True)
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
+
+
+def _linear_quadratic_jax(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    causal: bool,
+    key_mask: jax.Array | None = None,
+) -> jax.Array:
+    """The same quadratic form in JAX (float32, highest precision), for reference gradients."""
+    group = query.shape[1] // key.shape[1]
+    k = jnp.repeat(key, group, axis=1)
+    v = jnp.repeat(value, group, axis=1)
+    hi = jax.lax.Precision.HIGHEST
+    weights = jnp.einsum("bhtd,bhsd->bhts", jax.nn.elu(query) + 1, jax.nn.elu(k) + 1, precision=hi)
+    allowed = jnp.ones(weights.shape, bool)
+    if causal:
+        allowed &= jnp.tril(jnp.ones(weights.shape[-2:], bool))
+    if key_mask is not None:
+        allowed &= key_mask[:, None, None, :]
+    weights = jnp.where(allowed, weights, 0.0)
+    numerator = jnp.einsum("bhts,bhsd->bhtd", weights, v, precision=hi)
+    denominator = weights.sum(-1, keepdims=True)
+    positive = denominator > 0
+    return jnp.where(positive, numerator / jnp.where(positive, denominator, 1.0), 0.0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_matches_reference(causal: bool, num_kv_heads: int) -> None:
+    q, k, v = random_qkv(0, num_heads=4, num_kv_heads=num_kv_heads, seq_q=16, head_dim=8)
+    out = linear_attention(q, k, v, causal=causal, chunk_size=4)
+    expected = linear_reference(q, k, v, causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [1, 16])
+def test_chunk_size_does_not_change_result(chunk_size: int) -> None:
+    q, k, v = random_qkv(1, num_heads=2, seq_q=16, head_dim=8)
+    out = linear_attention(q, k, v, chunk_size=chunk_size)
+    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
+
+
+def test_scale_multiplies_query_before_feature_map() -> None:
+    q, k, v = random_qkv(2, num_heads=2, seq_q=8, head_dim=8)
+    out = linear_attention(q, k, v, causal=False, scale=0.5)
+    assert relative_error(out, linear_reference(q, k, v, causal=False, scale=0.5)) < 1e-5
+    default = linear_attention(q, k, v, causal=False)
+    assert relative_error(default, linear_reference(q, k, v, causal=False, scale=1.0)) < 1e-5
+
+
+def test_unequal_lengths_non_causal_ignores_chunk_size() -> None:
+    q, k, v = random_qkv(3, num_heads=4, num_kv_heads=2, seq_q=5, seq_kv=11, head_dim=8)
+    out = linear_attention(q, k, v, causal=False, chunk_size=4)
+    assert relative_error(out, linear_reference(q, k, v, causal=False)) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_mask_and_fully_padded_row(causal: bool) -> None:
+    q, k, v = random_qkv(4, batch=3, num_heads=4, num_kv_heads=2, seq_q=8, head_dim=8)
+    lengths = jnp.array([8, 5, 0])  # the last batch row has no key at all
+    key_mask = jnp.arange(8)[None, :] < lengths[:, None]
+    # Garbage in padded slots must not leak into the result.
+    k = jnp.where(key_mask[:, None, :, None], k, jnp.nan)
+    v = jnp.where(key_mask[:, None, :, None], v, jnp.inf)
+    mask = key_mask[:, None, None, :]
+    out = linear_attention(q, k, v, mask=mask, causal=causal, chunk_size=4)
+    expected = linear_reference(
+        q, np.nan_to_num(k), np.nan_to_num(v), causal=causal, key_mask=key_mask
+    )
+    assert relative_error(out, expected) < 1e-5
+    assert np.all(np.asarray(out[2]) == 0.0)
+
+
+def test_padding_mask_broadcast_over_batch() -> None:
+    q, k, v = random_qkv(5, batch=2, num_heads=2, seq_q=8, head_dim=8)
+    key_mask = jnp.arange(8) < 6
+    out = linear_attention(q, k, v, mask=key_mask[None, None, None, :], chunk_size=4)
+    expected = linear_reference(
+        q, k, v, causal=True, key_mask=np.broadcast_to(np.asarray(key_mask), (2, 8))
+    )
+    assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16(causal: bool) -> None:
+    q, k, v = random_qkv(6, num_heads=4, num_kv_heads=2, seq_q=16, head_dim=8, dtype=jnp.bfloat16)
+    out = linear_attention(q, k, v, causal=causal, chunk_size=4)
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, linear_reference(q, k, v, causal=causal)) < 2e-2
+
+
+@pytest.mark.parametrize(("causal", "num_kv_heads"), [(True, 1), (False, 2), (True, 2)])
+def test_gradients(causal: bool, num_kv_heads: int) -> None:
+    q, k, v = random_qkv(7, batch=2, num_heads=2, num_kv_heads=num_kv_heads, seq_q=8, head_dim=4)
+    lengths = jnp.array([8, 3])
+    key_mask = jnp.arange(8)[None, :] < lengths[:, None]
+    cotangent = jax.random.normal(jax.random.key(70), q.shape)
+
+    def loss_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        out = linear_attention(
+            q, k, v, mask=key_mask[:, None, None, :], causal=causal, chunk_size=4
+        )
+        return jnp.sum(out * cotangent)
+
+    def loss_reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        out = _linear_quadratic_jax(q, k, v, causal=causal, key_mask=key_mask)
+        return jnp.sum(out * cotangent)
+
+    grads = jax.grad(loss_kernel, argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(loss_reference, argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected, strict=True):
+        assert relative_error(got, want) < 1e-4
+
+
+def test_fully_padded_row_has_finite_zero_gradients() -> None:
+    q, k, v = random_qkv(8, batch=1, num_heads=2, seq_q=4, head_dim=4)
+    mask = jnp.zeros((1, 1, 1, 4), bool)
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.sum(linear_attention(q, k, v, mask=mask, chunk_size=2) ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for grad in grads:
+        assert np.all(np.asarray(grad) == 0.0)
+
+
+def test_under_jit() -> None:
+    q, k, v = random_qkv(9, num_heads=2, seq_q=8, head_dim=4)
+    out = jax.jit(lambda q, k, v: linear_attention(q, k, v, chunk_size=4))(q, k, v)
+    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
+
+
+def test_length_not_multiple_of_chunk_size_raises() -> None:
+    q, k, v = random_qkv(10, num_heads=2, seq_q=12, head_dim=4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_attention(q, k, v, chunk_size=8)
+    # Non-causal attention has no chunks, and a sequence shorter than a chunk is one chunk.
+    linear_attention(q, k, v, causal=False, chunk_size=8)
+    linear_attention(q, k, v, chunk_size=64)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4])
+def test_bad_chunk_size_raises(chunk_size: int) -> None:
+    q, k, v = random_qkv(11, num_heads=2, seq_q=8, head_dim=4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_attention(q, k, v, chunk_size=chunk_size)
+
+
+def test_score_mod_raises() -> None:
+    q, k, v = random_qkv(12, num_heads=2, seq_q=8, head_dim=4)
+    with pytest.raises(NotImplementedError, match="score_mod"):
+        linear_attention(q, k, v, score_mod=causal_mod())
+
+
+def test_active_dropout_raises() -> None:
+    q, k, v = random_qkv(13, num_heads=2, seq_q=8, head_dim=4)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        linear_attention(
+            q, k, v, dropout_rate=0.1, deterministic=False, dropout_rng=jax.random.key(0)
+        )
+    # Inactive dropout is fine.
+    linear_attention(q, k, v, dropout_rate=0.1, deterministic=True, chunk_size=4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8, 8), (2, 2, 1, 8)])
+def test_non_padding_mask_raises(shape: tuple[int, ...]) -> None:
+    q, k, v = random_qkv(14, batch=2, num_heads=2, seq_q=8, head_dim=4)
+    with pytest.raises(NotImplementedError, match="standard_attention"):
+        linear_attention(q, k, v, mask=jnp.ones(shape, bool))
+
+
+def test_causal_unequal_lengths_raises() -> None:
+    q, k, v = random_qkv(15, num_heads=2, seq_q=4, seq_kv=8, head_dim=4)
+    with pytest.raises(NotImplementedError, match="causal"):
+        linear_attention(q, k, v)
+
+
+def _largest_intermediate(fn: Any, *args: jax.Array) -> int:
+    """Largest array (in elements) in the jaxpr of fn, inner jaxprs (jit, scan) included."""
+    sizes: list[int] = []
+
+    def visit(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            sizes.extend(int(np.prod(var.aval.shape)) for var in eqn.outvars)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return max(sizes)
+
+
+def test_no_quadratic_intermediate_forward_and_backward() -> None:
+    seq = 256
+    q, k, v = random_qkv(16, batch=1, num_heads=1, seq_q=seq, head_dim=4)
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.sum(linear_attention(q, k, v, chunk_size=16))
+
+    largest = _largest_intermediate(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    assert largest < seq * seq // 8
