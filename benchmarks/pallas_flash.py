@@ -1,0 +1,268 @@
+"""Benchmark attnax's Pallas FlashAttention against JAX's Pallas ``mha`` and cuDNN (one GPU).
+
+bf16, 16 heads, head_dim 128 unless noted. TFLOP/s in the FlashAttention convention: forward
+4*B*H*S^2*D, halved when causal (ALiBi+causal too), x3.5 for forward+backward; the sliding
+window and document configs report the *dense* number (full 4*B*H*S^2*D), so their time ratio
+against cuDNN-with-a-dense-mask is the figure to read. Median of >= 20 timed calls after
+warm-up. Relative error of each forward against cuDNN (the same mask/bias).
+
+Usage (on the device)::
+
+    python benchmarks/pallas_flash.py [--sweep] [--only NAME,...] [--budget SECONDS]
+
+Writes ``$OUT/pallas_flash_h100.json`` (``OUT`` defaults to ``benchmarks/results``).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from attnax import _mods as mods
+from attnax.kernels._pallas_flash import FlashConfig, flash_attention_with_config
+
+HEADS, HEAD_DIM = 16, 128
+rows: list[dict[str, Any]] = []
+START = time.perf_counter()
+
+
+def timed(fn: Callable[..., Any], *args: Any, n: int = 20) -> float:
+    """Median milliseconds of ``n`` calls after two warm-up calls."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def record(impl: str, cfg: str, mode: str, ms: float, flops: float, **extra: Any) -> None:
+    tflops = flops / (ms * 1e-3) / 1e12
+    rows.append(dict(impl=impl, cfg=cfg, mode=mode, ms=round(ms, 4), tflops=round(tflops, 1), **extra))
+    note = " ".join(f"{k}={v}" for k, v in extra.items())
+    print(f"{impl:26s} {cfg:34s} {mode:8s} {ms:9.3f} ms {tflops:7.1f} TF/s {note}", flush=True)
+
+
+def failed(impl: str, cfg: str, mode: str, error: BaseException) -> None:
+    message = (type(error).__name__ + ": " + str(error)).splitlines()[0][:300]
+    rows.append({"impl": impl, "cfg": cfg, "mode": mode, "error": message})
+    print(f"{impl:26s} {cfg:34s} {mode:8s} FAILED {message}", flush=True)
+    traceback.print_exc(limit=3)
+
+
+def grad_of(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
+    return jax.jit(
+        jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    )
+
+
+def config_list() -> list[dict[str, Any]]:
+    ids16k = jnp.repeat(jnp.arange(4, dtype=jnp.int32), 16384 // 4)[None]
+    return [
+        {"name": "B4 S4096 causal", "B": 4, "S": 4096, "kind": "causal"},
+        {"name": "B4 S4096 full", "B": 4, "S": 4096, "kind": "full"},
+        {"name": "B1 S16384 causal", "B": 1, "S": 16384, "kind": "causal"},
+        {"name": "B1 S16384 full", "B": 1, "S": 16384, "kind": "full"},
+        {"name": "B4 S4096 alibi+causal", "B": 4, "S": 4096, "kind": "alibi"},
+        {"name": "B1 S16384 window1024", "B": 1, "S": 16384, "kind": "window", "window": 1024},
+        {"name": "B1 S16384 4docs", "B": 1, "S": 16384, "kind": "docs", "ids": ids16k},
+        {"name": "B4 S4096 causal GQA32/8", "B": 4, "S": 4096, "kind": "causal", "H": 32, "Hk": 8},
+    ]
+
+
+def attnax_mod(cfg: dict[str, Any]) -> Any:
+    kind = cfg["kind"]
+    if kind == "causal":
+        return mods.causal_mod()
+    if kind == "alibi":
+        return mods.compose_score_mods(mods.alibi_mod(cfg.get("H", HEADS)), mods.causal_mod())
+    if kind == "window":
+        return mods.sliding_window_mod(cfg["window"])
+    if kind == "docs":
+        return mods.document_mask_mod(cfg["ids"])
+    return None
+
+
+def flops_of(cfg: dict[str, Any]) -> float:
+    heads = cfg.get("H", HEADS)
+    dense = 4 * cfg["B"] * heads * cfg["S"] ** 2 * HEAD_DIM
+    return dense / 2 if cfg["kind"] in ("causal", "alibi") else dense
+
+
+def dense_mask(cfg: dict[str, Any]) -> jax.Array | None:
+    """The config's mask as a dense (B, 1, S, S) boolean (cuDNN's comparison input)."""
+    S = cfg["S"]
+    if cfg["kind"] == "window":
+        return mods.make_sliding_window_mask(S, window_size=cfg["window"])
+    if cfg["kind"] == "docs":
+        return mods.make_document_mask(cfg["ids"])
+    return None
+
+
+def run_config(cfg: dict[str, Any], flash: FlashConfig, peers: bool, budget: float) -> None:
+    B, S = cfg["B"], cfg["S"]
+    H, Hk = cfg.get("H", HEADS), cfg.get("Hk", cfg.get("H", HEADS))
+    name, flops = cfg["name"], flops_of(cfg)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (B, H, S, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (B, Hk, S, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (B, Hk, S, HEAD_DIM), jnp.bfloat16)
+    score_mod = attnax_mod(cfg)
+
+    def ours(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return flash_attention_with_config(q, k, v, config=flash, score_mod=score_mod)
+
+    # cuDNN in its (B, T, N, H) layout; masks and the ALiBi bias materialised densely.
+    causal = cfg["kind"] in ("causal", "alibi")
+    mask = dense_mask(cfg)
+    bias = None
+    if cfg["kind"] == "alibi":
+        slopes = mods.alibi_slopes(H)
+        pos = jnp.arange(S)
+        bias = (-slopes[:, None, None] * jnp.abs(pos[:, None] - pos[None, :])).astype(jnp.bfloat16)[None]
+
+    def cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        out = jax.nn.dot_product_attention(
+            q.transpose(0, 2, 1, 3),
+            k.transpose(0, 2, 1, 3),
+            v.transpose(0, 2, 1, 3),
+            bias=bias,
+            mask=mask,
+            is_causal=causal,
+            implementation="cudnn",
+        )
+        return out.transpose(0, 2, 1, 3)
+
+    impls: dict[str, Callable[..., jax.Array]] = {"attnax pallas_flash": ours}
+    if peers:
+        impls["cudnn" + (" dense-mask" if mask is not None else "")] = cudnn
+        if cfg["kind"] in ("causal", "full", "docs"):
+            from jax.experimental.pallas.ops.gpu import attention as jax_mha
+
+            group = H // Hk
+            segment_ids = cfg.get("ids")
+
+            def mha(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+                # JAX's mha has no GQA: its K/V heads are repeated (its cost, not ours).
+                kk = jnp.repeat(k, group, axis=1) if group > 1 else k
+                vv = jnp.repeat(v, group, axis=1) if group > 1 else v
+                out = jax_mha.mha(
+                    q.transpose(0, 2, 1, 3),
+                    kk.transpose(0, 2, 1, 3),
+                    vv.transpose(0, 2, 1, 3),
+                    segment_ids,
+                    sm_scale=HEAD_DIM**-0.5,
+                    causal=cfg["kind"] == "causal",
+                    block_sizes=jax_mha.BlockSizes(
+                        block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,
+                        block_q_dq=64, block_kv_dq=64,
+                    ),
+                )
+                return out.transpose(0, 2, 1, 3)
+
+            impls["jax pallas mha"] = mha
+
+    reference = None
+    for impl, fn in impls.items():
+        if time.perf_counter() - START > budget:
+            print(f"budget exhausted, skipping {impl} {name}", flush=True)
+            continue
+        try:
+            jitted = jax.jit(fn)
+            out = jitted(q, k, v)
+            if reference is None and impl.startswith("cudnn"):
+                reference = out.astype(jnp.float32)
+            extra: dict[str, Any] = {}
+            ms = timed(jitted, q, k, v)
+            record(impl, name, "fwd", ms, flops, **extra)
+            rows[-1]["out"] = out  # replaced by the error below once cuDNN's output exists
+        except Exception as error:  # noqa: BLE001 - a benchmark records failures and moves on
+            failed(impl, name, "fwd", error)
+        try:
+            ms = timed(grad_of(fn), q, k, v)
+            record(impl, name, "fwd+bwd", ms, 3.5 * flops)
+        except Exception as error:  # noqa: BLE001
+            failed(impl, name, "fwd+bwd", error)
+    for row in rows:
+        out = row.pop("out", None)
+        if out is not None and reference is not None:
+            err = jnp.linalg.norm(out.astype(jnp.float32) - reference) / jnp.linalg.norm(reference)
+            row["relerr_vs_cudnn"] = float(f"{float(err):.2e}")
+
+
+def sweep(budget: float) -> None:
+    """Tile/warp/stage variants on two configs (forward and forward+backward)."""
+    variants = [
+        FlashConfig(num_stages_bwd=3),
+        FlashConfig(num_warps_bwd=8),
+        FlashConfig(block_q_dkv=32, block_kv_dkv=64, block_q_dq=64, block_kv_dq=32),
+        FlashConfig(block_q_dkv=64, block_kv_dkv=128, block_q_dq=128, block_kv_dq=64),
+        FlashConfig(num_warps=8, num_stages=3),
+    ]
+    for cfg in [config_list()[0]]:
+        for flash in variants:
+            if time.perf_counter() - START > budget:
+                return
+            tag = (
+                f"sweep fwd{flash.block_q}x{flash.block_kv} w{flash.num_warps} s{flash.num_stages}"
+                f" dkv{flash.block_q_dkv}x{flash.block_kv_dkv} dq{flash.block_q_dq}x"
+                f"{flash.block_kv_dq} w{flash.num_warps_bwd} s{flash.num_stages_bwd}"
+            )
+            print(tag, flush=True)
+            before = len(rows)
+            run_config(cfg, flash, peers=False, budget=budget)
+            for row in rows[before:]:
+                row["impl"] = tag
+                row["tag"] = "sweep"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--only", default="")
+    parser.add_argument("--budget", type=float, default=330.0)
+    args = parser.parse_args()
+    device = jax.devices()[0].device_kind
+    print("jax", jax.__version__, device, flush=True)
+    flash = FlashConfig()
+    for cfg in config_list():
+        if args.only and not any(token in cfg["name"] for token in args.only.split(",")):
+            continue
+        run_config(cfg, flash, peers=True, budget=args.budget)
+    if args.sweep:
+        sweep(args.budget)
+    # Ratios: ours over each peer, same config and mode.
+    ratios = []
+    for row in rows:
+        if row["impl"] != "attnax pallas_flash" or "ms" not in row or "sweep" in row.get("tag", ""):
+            continue
+        for peer in rows:
+            same = peer["cfg"] == row["cfg"] and peer["mode"] == row["mode"] and "ms" in peer
+            if same and peer["impl"] in ("cudnn", "cudnn dense-mask", "jax pallas mha"):
+                ratios.append(
+                    {"cfg": row["cfg"], "mode": row["mode"], "peer": peer["impl"],
+                     "speedup": round(peer["ms"] / row["ms"], 3)}
+                )
+    print("\nattnax speed-up over peers (peer time / our time):")
+    for r in ratios:
+        print(f"  {r['cfg']:34s} {r['mode']:8s} vs {r['peer']:18s} {r['speedup']:6.2f}x")
+    out_dir = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "pallas_flash_h100.json")
+    with open(path, "w") as fh:
+        json.dump({"device": device, "jax": jax.__version__, "rows": rows, "ratios": ratios}, fh, indent=1)
+    print("wrote", path, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,990 @@
+"""FlashAttention-2 in Pallas (Triton lowering on GPU): score mods in the inner loop, block-sparse.
+
+Structure (kept open to a second, Mosaic-GPU lowering; see ``benchmarks/NOTES.md``):
+
+* **XLA side** (:func:`_prepare`): pad T/S to whole blocks (and head_dim to a power of two),
+  split the score mod into its mask part and its value part, compute the block classes
+  (empty / partial / full, :func:`attnax._mods.block_sparsity`) and turn them into per-row
+  *block lists*: for each (batch, head, query block) the indices of its partial key blocks
+  first, then its full ones, and the two counts. Mods that hold arrays (document ids, prefix
+  lengths, array offsets, an additive bias) become kernel *operands* with their own BlockSpecs.
+* **Kernel side**: a program owns one (query block, batch, head); it walks the partial blocks
+  with the mask evaluated and then the full blocks without it, so empty blocks are never
+  loaded. The value mod is traced into the loop with absolute indices (``b``, ``h`` scalars
+  from the program ids, ``q_idx`` (bq, 1), ``kv_idx`` (1, bk)); softmax runs online in float32
+  in base 2 (scores are multiplied by log2(e) after the mod, so mods see natural-unit scores).
+* **Backward** (``_pallas_flash_vjp``): a dK/dV kernel per key block (looping over the query
+  heads of its GQA group and their query blocks) and a dQ kernel per query block, recomputing
+  probabilities from the saved log-sum-exp; the value mod is differentiated inside the kernel
+  with :func:`jax.vjp`, which also yields the gradient of an additive bias tile.
+"""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .._checks import shape_checked
+from .._mods import (
+    BLOCK_FULL,
+    BLOCK_PARTIAL,
+    AdditiveBiasMod,
+    AlibiMod,
+    AndMask,
+    CausalMask,
+    DocumentMask,
+    MaskScoreMod,
+    OffsetMask,
+    OffsetScoreMod,
+    PrefixLMMask,
+    SlidingWindowMask,
+    SoftcapMod,
+    _ValueChain,
+    block_sparsity,
+    block_sparsity_from_mask,
+    split_score_mod,
+)
+from .._typing import (
+    AttentionMask,
+    AttentionOutput,
+    KeyArray,
+    MaskMod,
+    PRNGKeyArray,
+    QueryArray,
+    ScoreMod,
+    ValueArray,
+)
+from ._common import check_dropout, check_mask, check_qkv, default_scale
+
+__all__ = ["FlashConfig", "default_config", "pallas_flash_attention"]
+
+_NAME = "pallas_flash_attention"
+_LOG2E = math.log2(math.e)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashConfig:
+    """Tile sizes and Triton launch parameters of the three kernels (hashable: a jit static).
+
+    Block sizes are powers of two >= 16; they are shrunk to the (padded) sequence length for
+    short sequences. ``num_warps`` ``None`` picks 4 for head_dim <= 64 and 8 above.
+    """
+
+    block_q: int = 128
+    block_kv: int = 128
+    # Backward defaults from the H100 sweep (benchmarks/NOTES.md): 64x64 tiles with 4 warps
+    # ran B4 S4096 causal forward+backward in 3.26 ms against 6.68 ms for 64x128 / 128x64
+    # with 8 warps (register pressure of two (bk, D) float32 accumulators).
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    num_warps: int | None = None
+    num_stages: int = 2
+    num_warps_bwd: int | None = 4
+    num_stages_bwd: int = 2
+    interpret: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "block_q",
+            "block_kv",
+            "block_q_dkv",
+            "block_kv_dkv",
+            "block_q_dq",
+            "block_kv_dq",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+                raise ValueError(f"{_NAME}: `{name}` must be an int >= 16, got {value!r}.")
+            if value & (value - 1):
+                raise ValueError(
+                    f"{_NAME}: `{name}` must be a power of two (Triton tiles), got {value}."
+                )
+
+
+def default_config(head_dim: int, block_q: int, block_kv: int, interpret: bool) -> FlashConfig:
+    """The public entry's configuration: forward tiles from the caller, backward from the sweep.
+
+    head_dim 256 halves the tiles (and pipelines less): a 128 x 256 bf16 tile is 64 KiB, and
+    the forward's q, k and v tiles at two stages would overflow the H100's 227 KiB of shared
+    memory.
+    """
+    if head_dim > 128:
+        return FlashConfig(
+            block_q=min(block_q, 64),
+            block_kv=min(block_kv, 64),
+            block_q_dkv=32,
+            block_kv_dkv=64,
+            block_q_dq=64,
+            block_kv_dq=32,
+            num_warps=8,
+            num_stages=2,
+            num_warps_bwd=4,
+            num_stages_bwd=1,
+            interpret=interpret,
+        )
+    return FlashConfig(block_q=block_q, block_kv=block_kv, interpret=interpret)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _fit(block: int, length: int) -> int:
+    """The tile actually used: ``block`` unless the sequence is shorter (never below 16)."""
+    return min(block, max(16, _next_pow2(length)))
+
+
+def _compiler_params(num_warps: int | None, num_stages: int, head_dim: int) -> Any:
+    warps = num_warps if num_warps is not None else (4 if head_dim <= 64 else 8)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=num_stages)
+
+
+# --------------------------------------------------------------------------- partitioned mods
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticMod:
+    """The non-array part of a score-mod pytree (treedef and static leaves), hashable."""
+
+    treedef: Any
+    static_leaves: tuple[Any, ...]  # None where the leaf is an array (passed dynamically)
+
+    def rebuild(self, arrays: Sequence[jax.Array]) -> Any:
+        it = iter(arrays)
+        leaves = [next(it) if s is None else s for s in self.static_leaves]
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _partition(tree: Any) -> tuple[tuple[jax.Array, ...], _StaticMod]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    arrays = tuple(jnp.asarray(x) for x in leaves if _is_array(x))
+    static = tuple(None if _is_array(x) else x for x in leaves)
+    return arrays, _StaticMod(treedef, static)
+
+
+# --------------------------------------------------------------------------- kernel operands
+
+
+class _Tile:
+    """What the traced mods see inside a kernel: program scalars, tile indices, operand refs."""
+
+    def __init__(
+        self,
+        *,
+        refs: Sequence[Any],
+        b: Any,
+        h: Any,
+        q_start: Any,
+        kv_start: Any,
+        block_q: int,
+        block_kv: int,
+    ) -> None:
+        self.refs = refs
+        self.b = b
+        self.h = h
+        self.q_start = q_start
+        self.kv_start = kv_start
+        self.block_q = block_q
+        self.block_kv = block_kv
+        self.q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
+        self.kv_idx = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+
+    def scalar(self, slot: int) -> Any:
+        return self.refs[slot][0]
+
+    def q_row(self, slot: int) -> Any:
+        return self.refs[slot][pl.ds(self.q_start, self.block_q)][:, None]
+
+    def kv_row(self, slot: int) -> Any:
+        return self.refs[slot][pl.ds(self.kv_start, self.block_kv)][None, :]
+
+    def plane(self, slot: int) -> Any:
+        """A (bq | 1, bk | 1) tile of a (#H, Tp | 1, Sp | 1) plane (bias or dense mask)."""
+        ref = self.refs[slot]
+        num_h, len_q, len_kv = ref.shape
+        h = self.h if num_h > 1 else 0
+        rows = pl.ds(self.q_start, self.block_q) if len_q > 1 else pl.ds(0, 1)
+        cols = pl.ds(self.kv_start, self.block_kv) if len_kv > 1 else pl.ds(0, 1)
+        return ref[h, rows, cols]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Offset:
+    """An accumulated position shift: an int plus per-batch array slots (and their arrays)."""
+
+    const: int = 0
+    slots: tuple[int, ...] = ()
+    arrays: tuple[jax.Array, ...] = ()
+
+    @property
+    def is_zero(self) -> bool:
+        return self.const == 0 and not self.slots
+
+    def value(self, tile: _Tile) -> Any:
+        total: Any = self.const
+        for slot in self.slots:
+            total = total + tile.scalar(slot)
+        return total
+
+    def per_batch(self, batch: int) -> jax.Array:
+        total = jnp.full((batch,), self.const, jnp.int32)
+        for array in self.arrays:
+            total = total + array
+        return total
+
+
+class _Builder:
+    """Turns built-in mods into kernel-side closures plus the arrays they need as operands."""
+
+    def __init__(self, *, batch: int, padded_q: int, padded_kv: int) -> None:
+        self.batch = batch
+        self.padded_q = padded_q
+        self.padded_kv = padded_kv
+        self.operands: list[jax.Array] = []
+        self.bias_slots: list[int] = []
+        self.bias_leaves: list[jax.Array] = []
+
+    def _add(self, array: jax.Array) -> int:
+        self.operands.append(array)
+        return len(self.operands) - 1
+
+    def add_batch_scalar(self, values: Any) -> int:
+        values = jnp.asarray(values, jnp.int32)
+        values = jnp.broadcast_to(values, (self.batch,)) if values.ndim <= 1 else values
+        if values.shape != (self.batch,):
+            raise ValueError(
+                f"{_NAME}: a per-batch mod array has shape {values.shape}; expected "
+                f"({self.batch},) or a scalar."
+            )
+        return self._add(values.reshape(self.batch, 1))
+
+    def shift(self, offset: _Offset, extra: Any) -> _Offset:
+        if isinstance(extra, (int, np.integer)) and not isinstance(extra, bool):
+            return dataclasses.replace(offset, const=offset.const + int(extra))
+        array = jnp.asarray(extra, jnp.int32)
+        array = jnp.broadcast_to(array, (self.batch,)) if array.ndim == 0 else array
+        slot = self.add_batch_scalar(array)
+        return _Offset(offset.const, (*offset.slots, slot), (*offset.arrays, array))
+
+    def add_row(self, ids: jax.Array, offset: _Offset, padded: int, fill: int) -> int:
+        """(batch, padded) ids as seen from shifted positions (jnp indexing semantics)."""
+        ids = jnp.asarray(ids).astype(jnp.int32)
+        length = ids.shape[1]
+        if not offset.is_zero:
+            pos = jnp.arange(length)[None, :] + offset.per_batch(ids.shape[0])[:, None]
+            pos = jnp.where(pos < 0, pos + length, pos)
+            ids = jnp.take_along_axis(ids, jnp.clip(pos, 0, length - 1), axis=1)
+        ids = jnp.pad(ids, ((0, 0), (0, padded - length)), constant_values=fill)
+        return self._add(ids)
+
+    def add_plane(self, plane: jax.Array, seq_q: int, seq_kv: int) -> int:
+        """A rank-4 (#B, #H, #T, #S) array padded on its non-broadcast sequence axes."""
+        pad_q = self.padded_q - seq_q if plane.shape[2] > 1 else 0
+        pad_kv = self.padded_kv - seq_kv if plane.shape[3] > 1 else 0
+        if pad_q or pad_kv:
+            plane = jnp.pad(plane, ((0, 0), (0, 0), (0, pad_q), (0, pad_kv)))
+        return self._add(plane)
+
+    # ------------------------------------------------------------------ masks
+
+    def mask(
+        self, mod: Any, q_off: _Offset, kv_off: _Offset, seq_q: int, seq_kv: int
+    ) -> Callable[[_Tile], Any]:
+        if isinstance(mod, (CausalMask, SlidingWindowMask)):
+            return lambda t: mod(t.b, t.h, t.q_idx + q_off.value(t), t.kv_idx + kv_off.value(t))
+        if isinstance(mod, PrefixLMMask):
+            prefix = self.add_batch_scalar(mod.prefix_lengths)
+
+            def prefix_mask(t: _Tile) -> Any:
+                q_pos = t.q_idx + q_off.value(t)
+                kv_pos = t.kv_idx + kv_off.value(t)
+                return (kv_pos < t.scalar(prefix)) | (q_pos >= kv_pos)
+
+            return prefix_mask
+        if isinstance(mod, DocumentMask):
+            q_ids = self.add_row(mod.query_document_ids, q_off, self.padded_q, -1)
+            kv_ids = self.add_row(mod.kv_document_ids, kv_off, self.padded_kv, -2)
+            return lambda t: t.q_row(q_ids) == t.kv_row(kv_ids)
+        if isinstance(mod, AndMask):
+            parts = [self.mask(m, q_off, kv_off, seq_q, seq_kv) for m in mod.mask_mods]
+
+            def and_mask(t: _Tile) -> Any:
+                allowed = parts[0](t)
+                for part in parts[1:]:
+                    allowed = allowed & part(t)
+                return allowed
+
+            return and_mask
+        if isinstance(mod, OffsetMask):
+            return self.mask(
+                mod.mask_mod,
+                self.shift(q_off, mod.q_offset),
+                self.shift(kv_off, mod.kv_offset),
+                seq_q,
+                seq_kv,
+            )
+        _reject_array_holder(mod, "mask mod")
+        return lambda t: mod(t.b, t.h, t.q_idx + q_off.value(t), t.kv_idx + kv_off.value(t))
+
+    # ------------------------------------------------------------------ value mods
+
+    def value(
+        self, mod: Any, q_off: _Offset, kv_off: _Offset, seq_q: int, seq_kv: int
+    ) -> Callable[[Any, _Tile, Sequence[Any]], Any]:
+        """A closure ``(scores, tile, bias_tiles) -> scores``; bias tiles come in slot order."""
+        if isinstance(mod, (AlibiMod, SoftcapMod)):
+            return lambda s, t, biases: mod(
+                s, t.b, t.h, t.q_idx + q_off.value(t), t.kv_idx + kv_off.value(t)
+            )
+        if isinstance(mod, AdditiveBiasMod):
+            if not (q_off.is_zero and kv_off.is_zero):
+                raise NotImplementedError(
+                    f"{_NAME}: an AdditiveBiasMod under shifted positions (OffsetScoreMod) is not "
+                    "supported in the Pallas kernel; use memory_efficient_attention."
+                )
+            bias = jnp.asarray(mod.bias)
+            position = len(self.bias_slots)
+            self.bias_slots.append(self.add_plane(bias, seq_q, seq_kv))
+            self.bias_leaves.append(mod.bias)
+            return lambda s, t, biases: s + biases[position]
+        if isinstance(mod, _ValueChain):
+            parts = [self.value(m, q_off, kv_off, seq_q, seq_kv) for m in mod.score_mods]
+
+            def chain(s: Any, t: _Tile, biases: Sequence[Any]) -> Any:
+                for part in parts:
+                    s = part(s, t, biases)
+                return s
+
+            return chain
+        if isinstance(mod, OffsetScoreMod):
+            return self.value(
+                mod.score_mod,
+                self.shift(q_off, mod.q_offset),
+                self.shift(kv_off, mod.kv_offset),
+                seq_q,
+                seq_kv,
+            )
+        if isinstance(mod, MaskScoreMod):  # only reachable through a user's own nesting
+            inner = self.mask(mod.mask_mod, q_off, kv_off, seq_q, seq_kv)
+            return lambda s, t, biases: jnp.where(inner(t), s, -jnp.inf)
+        _reject_array_holder(mod, "score mod")
+        return lambda s, t, biases: mod(
+            s, t.b, t.h, t.q_idx + q_off.value(t), t.kv_idx + kv_off.value(t)
+        )
+
+
+def _reject_array_holder(mod: Any, what: str) -> None:
+    """A pytree mod with array leaves we do not know how to tile cannot enter a Pallas kernel."""
+    if any(_is_array(leaf) for leaf in jax.tree_util.tree_leaves(mod)):
+        raise NotImplementedError(
+            f"{_NAME}: the {what} {type(mod).__name__} holds arrays, which a Pallas kernel cannot "
+            "capture; supported array-holding mods are DocumentMask, PrefixLMMask, "
+            "AdditiveBiasMod and OffsetMask/OffsetScoreMod offsets. Use "
+            "memory_efficient_attention for this mod."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything the kernels need, built at trace time from the mods and the dense mask."""
+
+    mask_fn: Callable[[_Tile], Any] | None
+    value_fn: Callable[[Any, _Tile, Sequence[Any]], Any] | None
+    dense_mask_slot: int | None
+    bias_slots: tuple[int, ...]
+    bias_leaves: tuple[jax.Array, ...]
+    operands: tuple[jax.Array, ...]
+    mask_mod: MaskMod | None
+    dense_mask: jax.Array | None
+    seq_kv: int
+    padded_kv: int
+
+    def load_biases(self, tile: _Tile) -> tuple[Any, ...]:
+        shape = (tile.block_q, tile.block_kv)
+        return tuple(
+            jnp.broadcast_to(tile.plane(slot).astype(jnp.float32), shape)
+            for slot in self.bias_slots
+        )
+
+    def modded(self, raw: Any, tile: _Tile, biases: Sequence[Any]) -> Any:
+        """Natural-unit scores after the value mod (float32)."""
+        if self.value_fn is None:
+            return raw
+        return jnp.asarray(self.value_fn(raw, tile, biases)).astype(jnp.float32)
+
+    def allowed(self, tile: _Tile) -> Any:
+        """The element-wise mask of a partial block (None if nothing masks)."""
+        allowed: Any = None
+        if self.mask_fn is not None:
+            allowed = jnp.asarray(self.mask_fn(tile))
+        if self.dense_mask_slot is not None:
+            dense = tile.plane(self.dense_mask_slot) != 0
+            allowed = dense if allowed is None else allowed & dense
+        if self.padded_kv != self.seq_kv:
+            real = tile.kv_idx < self.seq_kv
+            allowed = real if allowed is None else allowed & real
+        return allowed
+
+
+def _build_plan(
+    mask: jax.Array | None,
+    score_mod: Any,
+    *,
+    batch: int,
+    seq_q: int,
+    seq_kv: int,
+    padded_q: int,
+    padded_kv: int,
+) -> _Plan:
+    mask_mod, value_mod = split_score_mod(score_mod)
+    builder = _Builder(batch=batch, padded_q=padded_q, padded_kv=padded_kv)
+    zero = _Offset()
+    mask_fn = None if mask_mod is None else builder.mask(mask_mod, zero, zero, seq_q, seq_kv)
+    value_fn = None if value_mod is None else builder.value(value_mod, zero, zero, seq_q, seq_kv)
+    dense_slot = None
+    if mask is not None:
+        dense_slot = builder.add_plane(mask.astype(jnp.int8), seq_q, seq_kv)
+    return _Plan(
+        mask_fn=mask_fn,
+        value_fn=value_fn,
+        dense_mask_slot=dense_slot,
+        bias_slots=tuple(builder.bias_slots),
+        bias_leaves=tuple(builder.bias_leaves),
+        operands=tuple(builder.operands),
+        mask_mod=mask_mod,
+        dense_mask=mask,
+        seq_kv=seq_kv,
+        padded_kv=padded_kv,
+    )
+
+
+def _operand_specs(plan: _Plan) -> list[pl.BlockSpec]:
+    """Operands are blocked on their batch axis only (every grid puts the batch at index 1)."""
+    specs = []
+    for array in plan.operands:
+        rest = (0,) * (array.ndim - 1)
+        if array.shape[0] > 1:
+            index_map = lambda i, b, h, rest=rest: (b, *rest)
+        else:
+            index_map = lambda i, b, h, rest=rest: (0, *rest)
+        specs.append(pl.BlockSpec((None, *array.shape[1:]), index_map))
+    return specs
+
+
+# --------------------------------------------------------------------------- block lists
+
+
+def block_classes(
+    plan: _Plan,
+    *,
+    batch: int,
+    num_heads: int,
+    seq_q: int,
+    seq_kv: int,
+    block_q: int,
+    block_kv: int,
+    num_q_blocks: int,
+) -> jax.Array:
+    """int8 (#B, #H, NQ, NK) classes of the mask mod, the dense mask and key padding.
+
+    Classified on real positions; query blocks past ``seq_q`` (up to ``num_q_blocks``, the
+    grid's extent) are empty, so padded query rows do no work.
+    """
+    num_q = -(-seq_q // block_q)
+    num_kv = -(-seq_kv // block_kv)
+    classes = jnp.full((1, 1, num_q, num_kv), BLOCK_FULL, jnp.int8)
+    if plan.mask_mod is not None:
+        from_mod = block_sparsity(
+            plan.mask_mod,
+            batch=batch,
+            num_heads=num_heads,
+            seq_q=seq_q,
+            seq_kv=seq_kv,
+            block_q=block_q,
+            block_kv=block_kv,
+        )
+        classes = jnp.minimum(classes, from_mod)
+    if plan.dense_mask is not None:
+        from_mask = block_sparsity_from_mask(
+            plan.dense_mask, seq_q=seq_q, seq_kv=seq_kv, block_q=block_q, block_kv=block_kv
+        )
+        classes = jnp.minimum(classes, from_mask)
+    if seq_kv % block_kv:
+        # The last key block holds padded keys: evaluate its mask so they stay excluded.
+        last = (jnp.arange(num_kv) == num_kv - 1)[None, None, None, :]
+        classes = jnp.where(last, jnp.minimum(classes, BLOCK_PARTIAL), classes)
+    if num_q_blocks > num_q:
+        classes = jnp.pad(classes, ((0, 0), (0, 0), (0, num_q_blocks - num_q), (0, 0)))
+    return classes.astype(jnp.int8)
+
+
+def block_lists(classes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of blocks: indices (partial first, then full; padded to a power of two) and counts.
+
+    Returns ``indices`` int32 (..., N_pow2) and ``counts`` int32 (..., 2) = (partial, full).
+    """
+    key = jnp.where(classes == BLOCK_PARTIAL, 0, jnp.where(classes == BLOCK_FULL, 1, 2))
+    indices = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+    width = classes.shape[-1]
+    indices = jnp.pad(indices, [(0, 0)] * (indices.ndim - 1) + [(0, _next_pow2(width) - width)])
+    counts = jnp.stack(
+        [
+            jnp.sum(classes == BLOCK_PARTIAL, axis=-1, dtype=jnp.int32),
+            jnp.sum(classes == BLOCK_FULL, axis=-1, dtype=jnp.int32),
+        ],
+        axis=-1,
+    )
+    return indices, counts
+
+
+# --------------------------------------------------------------------------- shared math
+
+
+def dot_nt(a: Any, b: Any, precision: Any) -> Any:
+    """``a @ b.T`` accumulated in float32."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def dot_nn(a: Any, b: Any, precision: Any) -> Any:
+    """``a @ b`` accumulated in float32."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def dot_tn(a: Any, b: Any, precision: Any) -> Any:
+    """``a.T @ b`` accumulated in float32."""
+    return jax.lax.dot_general(
+        a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
+
+def matmul_precision(dtype: Any) -> Any:
+    """Full float32 products for float32 inputs (IEEE in Triton), the default for half types."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+# --------------------------------------------------------------------------- forward kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Static facts of one call (closed over by the kernels)."""
+
+    scale: float
+    group: int
+    block_q: int
+    block_kv: int
+    precision: Any
+
+
+def _forward_kernel(
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    idx_ref: Any,
+    cnt_ref: Any,
+    *refs: Any,
+    plan: _Plan,
+    static: _Static,
+) -> None:
+    num_operands = len(plan.operands)
+    operand_refs = refs[:num_operands]
+    o_ref, lse_ref = refs[num_operands:]
+    q_block, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bq, bk = static.block_q, static.block_kv
+    q = q_ref[...]
+    head_dim = q.shape[-1]
+
+    def step(j: Any, carry: Any, masked: bool) -> Any:
+        acc, m_prev, l_prev = carry
+        kv_start = idx_ref[j] * bk
+        k = k_ref[pl.ds(kv_start, bk), :]
+        v = v_ref[pl.ds(kv_start, bk), :]
+        tile = _Tile(
+            refs=operand_refs,
+            b=b,
+            h=h,
+            q_start=q_block * bq,
+            kv_start=kv_start,
+            block_q=bq,
+            block_kv=bk,
+        )
+        raw = dot_nt(q, k, static.precision)
+        if plan.value_fn is None:
+            t = raw * (static.scale * _LOG2E)
+        else:
+            t = plan.modded(raw * static.scale, tile, plan.load_biases(tile)) * _LOG2E
+        if masked:
+            allowed = plan.allowed(tile)
+            if allowed is not None:
+                t = jnp.where(allowed, t, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(t, axis=1))
+        # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        alpha = jnp.exp2(m_prev - m_safe)
+        p = jnp.exp2(t - m_safe[:, None])
+        l_next = alpha * l_prev + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v, static.precision)
+        return acc, m_next, l_next
+
+    n_partial = cnt_ref[0]
+    n_full = cnt_ref[1]
+    carry = (
+        jnp.zeros((bq, head_dim), jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
+    carry = jax.lax.fori_loop(
+        n_partial, n_partial + n_full, functools.partial(step, masked=False), carry
+    )
+    acc, m, l = carry
+    nonempty = l > 0.0
+    out = acc / jnp.where(nonempty, l, 1.0)[:, None]
+    o_ref[...] = out.astype(o_ref.dtype)
+    # log2-sum-exp; +inf for an empty row, so the backward's exp2(t - lse) is 0 there.
+    lse_ref[...] = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), jnp.inf)
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    query: jax.Array  # (B, H, Tp, Dp)
+    key: jax.Array  # (B, Hk, Sp, Dp)
+    value: jax.Array
+    plan: _Plan
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+
+
+def _pad_to(x: jax.Array, axis: int, target: int) -> jax.Array:
+    if x.shape[axis] == target:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, target - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def prepare(
+    config: FlashConfig,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    score_mod: Any,
+) -> _Prepared:
+    """Pad to whole blocks of every kernel (the largest of their blocks) and build the plan."""
+    batch, _, seq_q, head_dim = query.shape
+    seq_kv = key.shape[2]
+    # One padding serves the forward and both backward kernels: the largest tile of each axis.
+    q_unit = max(
+        _fit(config.block_q, seq_q), _fit(config.block_q_dkv, seq_q), _fit(config.block_q_dq, seq_q)
+    )
+    kv_unit = max(
+        _fit(config.block_kv, seq_kv),
+        _fit(config.block_kv_dkv, seq_kv),
+        _fit(config.block_kv_dq, seq_kv),
+    )
+    padded_q = -(-seq_q // q_unit) * q_unit
+    padded_kv = -(-seq_kv // kv_unit) * kv_unit
+    padded_d = max(16, _next_pow2(head_dim))
+    q = _pad_to(_pad_to(query, 2, padded_q), 3, padded_d)
+    k = _pad_to(_pad_to(key, 2, padded_kv), 3, padded_d)
+    v = _pad_to(_pad_to(value, 2, padded_kv), 3, padded_d)
+    plan = _build_plan(
+        mask,
+        score_mod,
+        batch=batch,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        padded_q=padded_q,
+        padded_kv=padded_kv,
+    )
+    return _Prepared(q, k, v, plan, seq_q, seq_kv, head_dim)
+
+
+def _list_spec(indices: jax.Array, counts: jax.Array) -> tuple[pl.BlockSpec, pl.BlockSpec]:
+    """BlockSpecs of per-(b, h, row) block lists for a (row, b, h) grid (broadcast axes at 0)."""
+    many_b = indices.shape[0] > 1
+    many_h = indices.shape[1] > 1
+
+    def index_map(i: Any, b: Any, h: Any) -> tuple[Any, ...]:
+        return (b if many_b else 0, h if many_h else 0, i, 0)
+
+    return (
+        pl.BlockSpec((None, None, None, indices.shape[-1]), index_map),
+        pl.BlockSpec((None, None, None, 2), index_map),
+    )
+
+
+def forward(
+    config: FlashConfig, prepared: _Prepared, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """Run the forward kernel on prepared (padded) inputs; returns (out_padded, lse2_padded)."""
+    q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
+    batch, num_heads, padded_q, padded_d = q.shape
+    num_kv_heads, padded_kv = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    bq = _fit(config.block_q, prepared.seq_q)
+    bk = _fit(config.block_kv, prepared.seq_kv)
+    classes = block_classes(
+        plan,
+        batch=batch,
+        num_heads=num_heads,
+        seq_q=prepared.seq_q,
+        seq_kv=prepared.seq_kv,
+        block_q=bq,
+        block_kv=bk,
+        num_q_blocks=padded_q // bq,
+    )
+    indices, counts = block_lists(classes)
+    static = _Static(scale, group, bq, bk, matmul_precision(q.dtype))
+    kernel = functools.partial(_forward_kernel, plan=plan, static=static)
+    idx_spec, cnt_spec = _list_spec(indices, counts)
+    in_specs = [
+        pl.BlockSpec((None, None, bq, padded_d), lambda i, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, padded_kv, padded_d), lambda i, b, h: (b, h // group, 0, 0)),
+        pl.BlockSpec((None, None, padded_kv, padded_d), lambda i, b, h: (b, h // group, 0, 0)),
+        idx_spec,
+        cnt_spec,
+        *_operand_specs(plan),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, bq, padded_d), lambda i, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),  # type: ignore[no-untyped-call]
+        jax.ShapeDtypeStruct((batch, num_heads, padded_q), jnp.float32),  # type: ignore[no-untyped-call]
+    ]
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(padded_q // bq, batch, num_heads),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=_compiler_params(config.num_warps, config.num_stages, padded_d),
+        interpret=config.interpret,
+        name="attnax_flash_forward",
+    )(q, k, v, indices, counts, *plan.operands)
+    return out, lse
+
+
+# --------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(
+    config: FlashConfig,
+    static_mod: _StaticMod,
+    scale: float,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    mod_arrays: tuple[jax.Array, ...],
+) -> jax.Array:
+    out, _ = _flash_forward(config, static_mod, scale, query, key, value, mask, mod_arrays)
+    return out
+
+
+def _flash_forward(
+    config: FlashConfig,
+    static_mod: _StaticMod,
+    scale: float,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    mod_arrays: tuple[jax.Array, ...],
+) -> tuple[jax.Array, jax.Array]:
+    score_mod = static_mod.rebuild(mod_arrays)
+    prepared = prepare(config, query, key, value, mask, score_mod)
+    out, lse = forward(config, prepared, scale)
+    seq_q, head_dim = query.shape[2], query.shape[3]
+    return out[:, :, :seq_q, :head_dim], lse
+
+
+def _flash_fwd_rule(
+    config: FlashConfig,
+    static_mod: _StaticMod,
+    scale: float,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    mod_arrays: tuple[jax.Array, ...],
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    out, lse = _flash_forward(config, static_mod, scale, query, key, value, mask, mod_arrays)
+    return out, (query, key, value, mask, mod_arrays, out, lse)
+
+
+def _flash_bwd_rule(
+    config: FlashConfig,
+    static_mod: _StaticMod,
+    scale: float,
+    residuals: tuple[Any, ...],
+    d_out: jax.Array,
+) -> tuple[Any, ...]:
+    from ._pallas_flash_vjp import backward  # the backward module imports this one
+
+    query, key, value, mask, mod_arrays, out, lse = residuals
+    score_mod = static_mod.rebuild(mod_arrays)
+    prepared = prepare(config, query, key, value, mask, score_mod)
+    d_query, d_key, d_value, d_biases = backward(
+        config, prepared, scale, out, lse, d_out
+    )
+    # Each bias leaf gets the gradient of its tile; every other mod leaf a zero cotangent.
+    by_identity = {id(leaf): grad for leaf, grad in zip(prepared.plan.bias_leaves, d_biases, strict=True)}
+    d_mod = tuple(
+        by_identity[id(leaf)] if id(leaf) in by_identity else _zero_cotangent(leaf)
+        for leaf in mod_arrays
+    )
+    return d_query, d_key, d_value, None, d_mod
+
+
+def _zero_cotangent(x: jax.Array) -> Any:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_bwd_rule)
+
+_flash_jit = jax.jit(_flash, static_argnums=(0, 1, 2))
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def flash_attention_with_config(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    config: FlashConfig,
+    mask: jax.Array | None = None,
+    score_mod: ScoreMod | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """The kernel with every tile/launch knob exposed (benchmarks sweep these); no fallback."""
+    arrays, static_mod = _partition(score_mod)
+    scale_value = default_scale(query.shape[-1], scale)
+    out: jax.Array = _flash_jit(config, static_mod, scale_value, query, key, value, mask, arrays)
+    return out
+
+
+def _fallback(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    score_mod: ScoreMod | None,
+    block_kv: int,
+    scale: float | None,
+) -> jax.Array:
+    from ._memory_efficient import memory_efficient_attention
+
+    return memory_efficient_attention(
+        query, key, value, mask=mask, score_mod=score_mod, block_size=block_kv, scale=scale
+    )
+
+
+@shape_checked
+def pallas_flash_attention(
+    query: QueryArray,
+    key: KeyArray,
+    value: ValueArray,
+    *,
+    mask: AttentionMask | None = None,
+    score_mod: ScoreMod | None = None,
+    dropout_rng: PRNGKeyArray | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    block_q: int = 128,
+    block_kv: int = 128,
+    force_fallback: bool = False,
+    interpret: bool = False,
+    scale: float | None = None,
+) -> AttentionOutput:
+    r"""FlashAttention-2 in Pallas: :math:`\mathrm{softmax}(\mathrm{mod}(s QK^\top)) V`, tiled.
+
+    A Pallas kernel (Triton lowering on GPU) with an online float32 softmax. The score mod is
+    traced into the inner loop with absolute indices; its mask part is turned into a
+    per-(query block, key block) map outside the kernel, so blocks with no allowed pair are
+    never loaded and blocks where every pair is allowed skip the mask. Grouped-query heads read
+    their key/value head through the BlockSpec index maps (no repeated K/V). The backward is a
+    ``jax.custom_vjp`` with Pallas dK/dV and dQ kernels that recompute the probabilities from
+    the saved log-sum-exp and differentiate the value mod inside the kernel (an
+    :class:`~attnax._mods.AdditiveBiasMod` receives its gradient).
+
+    Supported mods: ``CausalMask``, ``SlidingWindowMask``, ``DocumentMask``, ``PrefixLMMask``,
+    ``AlibiMod``, ``SoftcapMod``, ``AdditiveBiasMod``, their compositions, ``OffsetMask`` /
+    ``OffsetScoreMod`` with int or per-batch offsets, and plain callables that capture no
+    arrays (Pallas rejects a callable that closes over an array at trace time).
+
+    Fallbacks (documented, never silent on failure): with ``force_fallback=True``, or on a
+    non-GPU backend without ``interpret=True``, the call is served by
+    :func:`~attnax.kernels._memory_efficient.memory_efficient_attention` (``block_size =
+    block_kv``). On GPU a lowering or compile error propagates.
+
+    Args:
+      query: (batch, heads, seq_q, head_dim).
+      key: (batch, kv_heads, seq_kv, head_dim); ``kv_heads`` divides ``heads``.
+      value: like ``key``.
+      mask: boolean, broadcastable to (batch, heads, seq_q, seq_kv); True means attend.
+      score_mod: applied to the scaled scores with absolute (batch, head, query, key) indices.
+      dropout_rng: must be None unless dropout is inactive.
+      dropout_rate: must be 0 unless ``deterministic``; the kernel has no dropout.
+      deterministic: no dropout when True.
+      block_q: forward query tile (power of two >= 16; shrunk for short sequences).
+      block_kv: forward key tile (power of two >= 16).
+      force_fallback: use memory_efficient_attention instead of the kernel.
+      interpret: run the Pallas kernels in interpret mode (CPU tests).
+      scale: score scale, ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+      (batch, heads, seq_q, head_dim) in the query's dtype; a row with no allowed key is zero.
+
+    Raises:
+      ValueError: for shapes that do not fit together or bad block sizes.
+      NotImplementedError: for active dropout, or a mod that holds arrays the kernel cannot tile.
+    """
+    check_qkv(query, key, value, name=_NAME)
+    check_mask(mask, query, key, name=_NAME)
+    if check_dropout(dropout_rate, dropout_rng, deterministic, name=_NAME):
+        raise NotImplementedError(
+            f"{_NAME}: attention dropout is not implemented in the Pallas kernel; use "
+            "standard_attention or memory_efficient_attention for dropout_rate > 0."
+        )
+    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
+        if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1):
+            raise ValueError(f"{_NAME}: `{name}` must be a power of two >= 16, got {block!r}.")
+    config = default_config(query.shape[-1], block_q, block_kv, interpret)
+    if force_fallback or (jax.default_backend() != "gpu" and not interpret):
+        return _fallback(query, key, value, mask, score_mod, block_kv, scale)
+    return flash_attention_with_config(
+        query, key, value, config=config, mask=mask, score_mod=score_mod, scale=scale
+    )

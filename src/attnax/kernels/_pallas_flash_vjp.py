@@ -1,0 +1,363 @@
+"""Backward kernels of :func:`~attnax.kernels._pallas_flash.pallas_flash_attention`.
+
+FlashAttention-2 style, two Pallas kernels that recompute the probabilities from the saved
+base-2 log-sum-exp and share the forward's block skipping:
+
+* dK/dV: one program per (key block, batch, kv head); it loops over the query heads of its GQA
+  group and, for each, over the query blocks that the block map lists for this key block
+  (partial first with the mask, then full without), so dK and dV of a group are summed in
+  registers, never through per-query-head partials.
+* dQ: one program per (query block, batch, head), looping over key blocks like the forward. It
+  also writes the score gradient tile of every additive bias into a zero-initialised (aliased)
+  (B, H, Tp, Sp) buffer, which XLA sums to the bias's broadcast shape.
+
+The value part of the score mod is differentiated per tile with :func:`jax.vjp` inside the
+kernel body (closed forms fall out of the traced derivative: ``1 - tanh^2`` for softcap, 1 for
+ALiBi and a bias).
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ._pallas_flash import (
+    _LOG2E,
+    FlashConfig,
+    _compiler_params,
+    _fit,
+    _operand_specs,
+    _Plan,
+    _Prepared,
+    _Tile,
+    block_classes,
+    block_lists,
+    dot_nn,
+    dot_nt,
+    dot_tn,
+    matmul_precision,
+)
+
+__all__ = ["backward"]
+
+
+def _scores_and_vjp(
+    plan: _Plan, raw: Any, tile: _Tile, masked: bool
+) -> tuple[Any, Any]:
+    """log2-domain masked scores of a tile and a function mapping dL/dz to (dL/ds, bias grads)."""
+    if plan.value_fn is None:
+        z = raw
+
+        def pullback(dz: Any) -> tuple[Any, tuple[Any, ...]]:
+            return dz, ()
+
+    else:
+        biases = plan.load_biases(tile)
+        z, vjp_fn = jax.vjp(lambda s, bs: plan.modded(s, tile, bs), raw, biases)
+
+        def pullback(dz: Any) -> tuple[Any, tuple[Any, ...]]:
+            d_raw, d_biases = vjp_fn(dz)
+            return d_raw, tuple(d_biases)
+
+    t = z * _LOG2E
+    if masked:
+        allowed = plan.allowed(tile)
+        if allowed is not None:
+            t = jnp.where(allowed, t, -jnp.inf)
+    return t, pullback
+
+
+def _dkv_kernel(
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    do_ref: Any,
+    lse_ref: Any,
+    delta_ref: Any,
+    idx_ref: Any,
+    cnt_ref: Any,
+    *refs: Any,
+    plan: _Plan,
+    scale: float,
+    group: int,
+    block_q: int,
+    block_kv: int,
+    precision: Any,
+) -> None:
+    num_operands = len(plan.operands)
+    operand_refs = refs[:num_operands]
+    dk_ref, dv_ref = refs[num_operands:]
+    kv_block, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kv_start = kv_block * block_kv
+    k = k_ref[...]
+    v = v_ref[...]
+    many_h = idx_ref.shape[0] > 1
+
+    def head_body(g: Any, carry: Any) -> Any:
+        h = kv_head * group + g
+        h_list = h if many_h else 0
+
+        def step(j: Any, carry: Any, masked: bool) -> Any:
+            dk, dv = carry
+            q_start = idx_ref[h_list, j] * block_q
+            rows = pl.ds(q_start, block_q)
+            q = q_ref[g, rows, :]
+            do = do_ref[g, rows, :]
+            lse = lse_ref[g, rows]
+            delta = delta_ref[g, rows]
+            tile = _Tile(
+                refs=operand_refs,
+                b=b,
+                h=h,
+                q_start=q_start,
+                kv_start=kv_start,
+                block_q=block_q,
+                block_kv=block_kv,
+            )
+            raw = dot_nt(q, k, precision) * scale
+            t, pullback = _scores_and_vjp(plan, raw, tile, masked)
+            p = jnp.exp2(t - lse[:, None])
+            dv = dv + dot_tn(p.astype(do.dtype), do, precision)
+            dp = dot_nt(do, v, precision)
+            dz = p * (dp - delta[:, None])
+            d_raw, _ = pullback(dz)
+            dk = dk + dot_tn(d_raw.astype(q.dtype), q, precision)
+            return dk, dv
+
+        n_partial = cnt_ref[h_list, 0]
+        n_full = cnt_ref[h_list, 1]
+        carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
+        return jax.lax.fori_loop(
+            n_partial, n_partial + n_full, functools.partial(step, masked=False), carry
+        )
+
+    head_dim = k.shape[-1]
+    zeros = jnp.zeros((block_kv, head_dim), jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, group, head_body, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    do_ref: Any,
+    lse_ref: Any,
+    delta_ref: Any,
+    idx_ref: Any,
+    cnt_ref: Any,
+    *refs: Any,
+    plan: _Plan,
+    scale: float,
+    block_q: int,
+    block_kv: int,
+    precision: Any,
+) -> None:
+    num_operands = len(plan.operands)
+    num_biases = len(plan.bias_slots)
+    operand_refs = refs[:num_operands]
+    # The aliased zero buffers arrive as inputs too; only their output refs are written.
+    outputs = refs[num_operands + num_biases :]
+    dq_ref = outputs[0]
+    dbias_refs = outputs[1:]
+    q_block, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    q_start = q_block * block_q
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+
+    def step(j: Any, dq: Any, masked: bool) -> Any:
+        kv_start = idx_ref[j] * block_kv
+        cols = pl.ds(kv_start, block_kv)
+        k = k_ref[cols, :]
+        v = v_ref[cols, :]
+        tile = _Tile(
+            refs=operand_refs,
+            b=b,
+            h=h,
+            q_start=q_start,
+            kv_start=kv_start,
+            block_q=block_q,
+            block_kv=block_kv,
+        )
+        raw = dot_nt(q, k, precision) * scale
+        t, pullback = _scores_and_vjp(plan, raw, tile, masked)
+        p = jnp.exp2(t - lse[:, None])
+        dp = dot_nt(do, v, precision)
+        dz = p * (dp - delta[:, None])
+        d_raw, d_biases = pullback(dz)
+        for dbias_ref, d_bias in zip(dbias_refs, d_biases, strict=True):
+            dbias_ref[:, cols] = d_bias.astype(dbias_ref.dtype)
+        return dq + dot_nn(d_raw.astype(k.dtype), k, precision)
+
+    n_partial = cnt_ref[0]
+    n_full = cnt_ref[1]
+    dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
+    dq = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), dq)
+    dq = jax.lax.fori_loop(n_partial, n_partial + n_full, functools.partial(step, masked=False), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def backward(
+    config: FlashConfig,
+    prepared: _Prepared,
+    scale: float,
+    out: jax.Array,
+    lse: jax.Array,
+    d_out: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
+    """Gradients of query, key, value and of each additive bias (in the plan's bias order)."""
+    q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
+    batch, num_heads, padded_q, padded_d = q.shape
+    num_kv_heads, padded_kv = k.shape[1], k.shape[2]
+    seq_q, seq_kv, head_dim = prepared.seq_q, prepared.seq_kv, prepared.head_dim
+    group = num_heads // num_kv_heads
+    precision = matmul_precision(q.dtype)
+
+    # delta_i = sum_d dO_id O_id, the softmax-gradient row term; cheap, so plain XLA.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = jnp.pad(delta, ((0, 0), (0, 0), (0, padded_q - seq_q)))
+    do = jnp.pad(
+        d_out.astype(q.dtype), ((0, 0), (0, 0), (0, padded_q - seq_q), (0, padded_d - head_dim))
+    )
+    params = _compiler_params(config.num_warps_bwd, config.num_stages_bwd, padded_d)
+    operand_specs = _operand_specs(plan)
+
+    # ---- dK / dV: grid over key blocks; query blocks listed per key block (transposed map).
+    bq = _fit(config.block_q_dkv, seq_q)
+    bk = _fit(config.block_kv_dkv, seq_kv)
+    num_kv_blocks = padded_kv // bk
+    classes = block_classes(
+        plan,
+        batch=batch,
+        num_heads=num_heads,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        block_q=bq,
+        block_kv=bk,
+        num_q_blocks=padded_q // bq,
+    )
+    classes_t = jnp.swapaxes(classes, -1, -2)
+    if num_kv_blocks > classes_t.shape[2]:
+        extra = num_kv_blocks - classes_t.shape[2]
+        classes_t = jnp.pad(classes_t, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    indices, counts = block_lists(classes_t)
+    many_b = indices.shape[0] > 1
+    list_h = indices.shape[1]
+
+    def list_map(j: Any, b: Any, hk: Any) -> tuple[Any, ...]:
+        return (b if many_b else 0, 0, j, 0)
+
+    group_spec = pl.BlockSpec((None, group, padded_q, padded_d), lambda j, b, hk: (b, hk, 0, 0))
+    group_rows = pl.BlockSpec((None, group, padded_q), lambda j, b, hk: (b, hk, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, padded_d), lambda j, b, hk: (b, hk, j, 0))
+    d_key, d_value = pl.pallas_call(
+        functools.partial(
+            _dkv_kernel,
+            plan=plan,
+            scale=scale,
+            group=group,
+            block_q=bq,
+            block_kv=bk,
+            precision=precision,
+        ),
+        grid=(num_kv_blocks, batch, num_kv_heads),
+        in_specs=[
+            group_spec,
+            kv_spec,
+            kv_spec,
+            group_spec,
+            group_rows,
+            group_rows,
+            pl.BlockSpec((None, list_h, None, indices.shape[-1]), list_map),
+            pl.BlockSpec((None, list_h, None, 2), list_map),
+            *operand_specs,
+        ],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, k.dtype),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct(v.shape, v.dtype),  # type: ignore[no-untyped-call]
+        ],
+        compiler_params=params,
+        interpret=config.interpret,
+        name="attnax_flash_dkv",
+    )(q, k, v, do, lse, delta, indices, counts, *plan.operands)
+
+    # ---- dQ (and bias gradients): grid over query blocks, key blocks listed per query block.
+    bq = _fit(config.block_q_dq, seq_q)
+    bk = _fit(config.block_kv_dq, seq_kv)
+    classes = block_classes(
+        plan,
+        batch=batch,
+        num_heads=num_heads,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        block_q=bq,
+        block_kv=bk,
+        num_q_blocks=padded_q // bq,
+    )
+    indices, counts = block_lists(classes)
+    many_b, many_h = indices.shape[0] > 1, indices.shape[1] > 1
+
+    def row_map(i: Any, b: Any, h: Any) -> tuple[Any, ...]:
+        return (b if many_b else 0, h if many_h else 0, i, 0)
+
+    q_spec = pl.BlockSpec((None, None, bq, padded_d), lambda i, b, h: (b, h, i, 0))
+    rows_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    full_kv = pl.BlockSpec((None, None, padded_kv, padded_d), lambda i, b, h: (b, h // group, 0, 0))
+    dbias_spec = pl.BlockSpec((None, None, bq, padded_kv), lambda i, b, h: (b, h, i, 0))
+    num_biases = len(plan.bias_slots)
+    zeros = [
+        jnp.zeros((batch, num_heads, padded_q, padded_kv), jnp.float32) for _ in range(num_biases)
+    ]
+    first_zero = 8 + len(plan.operands)
+    results = pl.pallas_call(
+        functools.partial(
+            _dq_kernel,
+            plan=plan,
+            scale=scale,
+            block_q=bq,
+            block_kv=bk,
+            precision=precision,
+        ),
+        grid=(padded_q // bq, batch, num_heads),
+        in_specs=[
+            q_spec,
+            full_kv,
+            full_kv,
+            q_spec,
+            rows_spec,
+            rows_spec,
+            pl.BlockSpec((None, None, None, indices.shape[-1]), row_map),
+            pl.BlockSpec((None, None, None, 2), row_map),
+            *operand_specs,
+            *([dbias_spec] * num_biases),
+        ],
+        out_specs=[q_spec, *([dbias_spec] * num_biases)],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),  # type: ignore[no-untyped-call]
+            *(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),  # type: ignore[no-untyped-call]
+        ],
+        input_output_aliases={first_zero + n: 1 + n for n in range(num_biases)},
+        compiler_params=params,
+        interpret=config.interpret,
+        name="attnax_flash_dq",
+    )(q, k, v, do, lse, delta, indices, counts, *plan.operands, *zeros)
+    d_query = results[0]
+
+    d_biases = []
+    for leaf, d_scores in zip(plan.bias_leaves, results[1:], strict=True):
+        d_scores = d_scores[:, :, :seq_q, :seq_kv]
+        axes = tuple(axis for axis in range(4) if leaf.shape[axis] == 1)
+        d_bias = jnp.sum(d_scores, axis=axes, keepdims=True) if axes else d_scores
+        d_biases.append(d_bias.astype(leaf.dtype))
+    return (
+        d_query[:, :, :seq_q, :head_dim],
+        d_key[:, :, :seq_kv, :head_dim],
+        d_value[:, :, :seq_kv, :head_dim],
+        tuple(d_biases),
+    )

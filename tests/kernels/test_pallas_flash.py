@@ -1,0 +1,351 @@
+"""pallas_flash_attention: the real Pallas kernels in interpret mode on CPU, Triton on GPU.
+
+Interpret mode compiles slowly (several seconds per kernel), so each CPU case below covers
+several features at once (a mod, a head grouping, uneven lengths, a block size) and checks the
+forward against the float64 reference and query/key/value (and bias) gradients against
+``jax.grad`` of ``standard_attention`` at highest precision, in one jitted call.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attnax import _mods as mods
+from attnax.kernels._pallas_flash import (
+    FlashConfig,
+    _build_plan,
+    block_classes,
+    block_lists,
+    flash_attention_with_config,
+    pallas_flash_attention,
+)
+from attnax.kernels._standard import standard_attention
+from tests._reference import random_qkv, reference_attention, relative_error
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _grads(
+    fn: Callable[..., jax.Array], args: tuple[jax.Array, ...], cotangent: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Output and the gradients of <fn(*args), cotangent> w.r.t. every arg, in one jit."""
+
+    def run(*a: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        out, pullback = jax.vjp(fn, *a)
+        return out, pullback(cotangent.astype(out.dtype))
+
+    result: tuple[jax.Array, tuple[jax.Array, ...]] = jax.jit(run)(*args)
+    return result
+
+
+def _check(
+    *,
+    seed: int,
+    score_mod_of: Callable[..., Any] = lambda *extra: None,
+    extra: tuple[jax.Array, ...] = (),
+    mask: jax.Array | None = None,
+    batch: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seq_q: int = 40,
+    seq_kv: int = 40,
+    head_dim: int = 16,
+    block_q: int = 16,
+    block_kv: int = 16,
+    dtype: Any = jnp.float32,
+    value_tol: float = 1e-5,
+    grad_tol: float = 1e-5,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    query, key, value = random_qkv(
+        seed,
+        batch=batch,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    cotangent = jax.random.normal(jax.random.key(seed + 1000), query.shape, jnp.float32)
+
+    def kernel(q: jax.Array, k: jax.Array, v: jax.Array, *e: jax.Array) -> jax.Array:
+        return pallas_flash_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            score_mod=score_mod_of(*e),
+            block_q=block_q,
+            block_kv=block_kv,
+            interpret=True,
+        )
+
+    def reference(q: jax.Array, k: jax.Array, v: jax.Array, *e: jax.Array) -> jax.Array:
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        return standard_attention(*f32, mask=mask, score_mod=score_mod_of(*e), precision=HIGHEST)
+
+    args = (query, key, value, *extra)
+    out, grads = _grads(kernel, args, cotangent)
+    assert out.dtype == query.dtype and out.shape == query.shape
+    expected = reference_attention(query, key, value, mask=mask, score_mod=score_mod_of(*extra))
+    assert relative_error(out, expected) < value_tol
+    _, expected_grads = _grads(reference, tuple(a.astype(jnp.float32) for a in args), cotangent)
+    for name, got, want in zip(("query", "key", "value", "extra"), grads, expected_grads):
+        assert got.shape == want.shape
+        assert relative_error(got, want) < grad_tol, name
+    return out, grads
+
+
+# --------------------------------------------------------------------------- CPU, interpret
+
+
+def test_causal_gqa_uneven_lengths() -> None:
+    # T < S and neither a multiple of the block: padded queries and padded keys.
+    _check(seed=0, score_mod_of=lambda: mods.causal_mod(), seq_q=40, seq_kv=56)
+
+
+def test_full_mqa_mixed_blocks() -> None:
+    # No mask at all, one KV head for four query heads, unequal forward tiles, head_dim 32.
+    _check(seed=1, num_kv_heads=1, seq_q=24, seq_kv=72, head_dim=32, block_q=32, block_kv=16)
+
+
+def test_sliding_window_with_alibi() -> None:
+    score_mod = mods.compose_score_mods(mods.alibi_mod(4), mods.sliding_window_mod(12))
+    _check(seed=2, score_mod_of=lambda: score_mod, seq_q=64, seq_kv=64)
+
+
+def test_softcap_with_documents() -> None:
+    ids = jnp.asarray(np.repeat(np.array([[0, 1, 2], [0, 0, 1]]), [13, 20, 15], axis=1))
+    score_mod = mods.compose_score_mods(mods.softcap_mod(2.0), mods.document_mask_mod(ids))
+    _check(seed=3, score_mod_of=lambda: score_mod, seq_q=48, seq_kv=48, num_kv_heads=4)
+
+
+def test_prefix_lm_with_int_offsets() -> None:
+    # Prefix-LM composed with a causal mask seen from shifted positions (a cache's view).
+    score_mod = mods.compose_score_mods(
+        mods.prefix_lm_mod(jnp.array([5, 30])),
+        mods.shift_positions(mods.causal_mod(), q_offset=16, kv_offset=0),
+    )
+    _check(seed=4, score_mod_of=lambda: score_mod, seq_q=24, seq_kv=40, block_q=16, block_kv=32)
+
+
+def test_additive_bias_gradient() -> None:
+    # A learnable (1, H, T, S) bias under causal masking gets its gradient (summed over batch).
+    bias = 0.5 * jax.random.normal(jax.random.key(7), (1, 4, 32, 48), jnp.float32)
+    _, grads = _check(
+        seed=5,
+        score_mod_of=lambda b: mods.compose_score_mods(
+            mods.additive_bias_mod(b), mods.causal_mod()
+        ),
+        extra=(bias,),
+        seq_q=32,
+        seq_kv=48,
+    )
+    assert grads[3].shape == bias.shape
+
+
+def test_dense_mask_empty_rows_and_skipped_blocks() -> None:
+    # Rows 3 and 17 of batch 0 see nothing (zeros, finite gradients). Keys 16..31 are masked
+    # for every query, a whole key block, so the kernel must never read it: their values are
+    # NaN and any load-and-multiply-by-zero would poison the output.
+    batch, seq = 2, 48
+    rng = np.random.default_rng(0)
+    mask = rng.random((batch, 1, seq, seq)) < 0.6
+    mask[0, 0, [3, 17], :] = False
+    mask[:, :, :, 16:32] = False
+    mask_array = jnp.asarray(mask)
+    query, key, value = random_qkv(6, batch=batch, seq_q=seq, num_kv_heads=2)
+    poisoned = value.at[:, :, 16:32].set(jnp.nan)
+    out = pallas_flash_attention(
+        query, key, poisoned, mask=mask_array, interpret=True, block_q=16, block_kv=16
+    )
+    expected = reference_attention(query, key, value, mask=mask_array)
+    assert relative_error(out, expected) < 1e-5
+    assert np.all(np.asarray(out)[0, :, [3, 17]] == 0.0)
+    _check(seed=6, mask=mask_array, seq_q=seq, seq_kv=seq)
+
+
+def test_bfloat16_causal_head_dim_64() -> None:
+    _check(
+        seed=8,
+        score_mod_of=lambda: mods.causal_mod(),
+        seq_q=48,
+        seq_kv=48,
+        head_dim=64,
+        block_q=32,
+        block_kv=32,
+        dtype=jnp.bfloat16,
+        value_tol=2e-2,
+        grad_tol=3e-2,
+    )
+
+
+def test_block_lists_skip_empty_and_order_partial_first() -> None:
+    plan = _build_plan(
+        None,
+        mods.causal_mod(),
+        batch=1,
+        seq_q=64,
+        seq_kv=64,
+        padded_q=64,
+        padded_kv=64,
+    )
+    classes = block_classes(
+        plan, batch=1, num_heads=1, seq_q=64, seq_kv=64, block_q=16, block_kv=16, num_q_blocks=4
+    )
+    indices, counts = block_lists(classes)
+    # Query block i: one partial (the diagonal), i full blocks, the rest never listed.
+    assert np.asarray(counts)[0, 0].tolist() == [[1, 0], [1, 1], [1, 2], [1, 3]]
+    assert np.asarray(indices)[0, 0, 3, :4].tolist() == [3, 0, 1, 2]
+
+
+def test_padded_last_key_block_is_partial() -> None:
+    plan = _build_plan(None, None, batch=1, seq_q=20, seq_kv=20, padded_q=32, padded_kv=32)
+    classes = block_classes(
+        plan, batch=1, num_heads=1, seq_q=20, seq_kv=20, block_q=16, block_kv=16, num_q_blocks=2
+    )
+    assert np.asarray(classes)[0, 0].tolist() == [[2, 1], [2, 1]]
+
+
+def test_dropout_is_not_implemented() -> None:
+    q, k, v = random_qkv(9)
+    with pytest.raises(NotImplementedError, match="memory_efficient_attention"):
+        pallas_flash_attention(
+            q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0), deterministic=False
+        )
+
+
+@jax.tree_util.register_pytree_node_class
+class _TableMod:
+    """A user mod holding an array the kernel cannot tile."""
+
+    def __init__(self, table: jax.Array) -> None:
+        self.table = table
+
+    def __call__(self, s: Any, b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return s + self.table[h]
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array], None]:
+        return (self.table,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux: None, children: tuple[jax.Array]) -> "_TableMod":
+        return cls(*children)
+
+
+def test_array_holding_user_mod_is_rejected_by_name() -> None:
+    q, k, v = random_qkv(10)
+    with pytest.raises(NotImplementedError, match="_TableMod.*memory_efficient_attention"):
+        pallas_flash_attention(q, k, v, score_mod=_TableMod(jnp.ones(4)), interpret=True)
+
+
+def test_fallback_matches_reference() -> None:
+    # force_fallback (and any non-GPU backend without interpret) uses memory_efficient_attention.
+    q, k, v = random_qkv(11, seq_q=20, seq_kv=28, num_kv_heads=1)
+    out = pallas_flash_attention(q, k, v, score_mod=mods.causal_mod(), force_fallback=True)
+    expected = reference_attention(q, k, v, score_mod=mods.causal_mod())
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_bad_block_size_names_the_argument() -> None:
+    q, k, v = random_qkv(12)
+    with pytest.raises(ValueError, match="block_q"):
+        pallas_flash_attention(q, k, v, block_q=48, interpret=True)
+
+
+def test_every_supported_mod_lowers_to_triton() -> None:
+    # Lowering (not compiling) the forward and backward to Triton IR needs no GPU: it catches
+    # any primitive or indexing the Triton backend cannot express, for every supported mod.
+    batch, heads, seq, head_dim = 2, 4, 200, 128
+    q = jnp.zeros((batch, heads, seq, head_dim), jnp.bfloat16)
+    k = jnp.zeros((batch, 2, seq, head_dim), jnp.bfloat16)
+    ids = jnp.zeros((batch, seq), jnp.int32)
+    score_mod = mods.compose_score_mods(
+        mods.additive_bias_mod(jnp.zeros((1, heads, seq, seq))),
+        mods.alibi_mod(heads),
+        mods.softcap_mod(30.0),
+        mods.sliding_window_mod(64),
+        mods.document_mask_mod(ids),
+        mods.prefix_lm_mod(jnp.array([3, 5])),
+        mods.shift_positions(mods.causal_mod(), q_offset=jnp.array([2, 3]), kv_offset=1),
+        lambda s, b, h, qi, ki: s + 0.1 * jnp.cos(qi * 0.1),
+    )
+    mask = jnp.ones((batch, 1, 1, seq), bool)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return flash_attention_with_config(
+            q, k, v, config=FlashConfig(), mask=mask, score_mod=score_mod
+        )
+
+    def grads(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+        out, pullback = jax.vjp(attend, q, k, v)
+        result: tuple[jax.Array, ...] = pullback(out)
+        return result
+
+    for fn in (attend, grads):
+        text = jax.jit(fn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in text
+
+
+# --------------------------------------------------------------------------- GPU, compiled
+
+
+def _gpu_case(
+    score_mod: Any, *, seq: int, dtype: Any, num_kv_heads: int = 8, head_dim: int = 128
+) -> None:
+    query, key, value = random_qkv(
+        20, batch=2, num_heads=8, num_kv_heads=num_kv_heads, seq_q=seq, head_dim=head_dim,
+        dtype=dtype,
+    )
+    cotangent = jax.random.normal(jax.random.key(21), query.shape, jnp.float32).astype(dtype)
+
+    def kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return pallas_flash_attention(q, k, v, score_mod=score_mod)
+
+    def reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        return standard_attention(*f32, score_mod=score_mod, precision=HIGHEST)
+
+    out, grads = _grads(kernel, (query, key, value), cotangent)
+    want, want_grads = _grads(reference, (query, key, value), cotangent)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
+    assert relative_error(out, want) < tol
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert relative_error(got, expected) < 2 * tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [256, 64, 128])
+def test_gpu_causal_head_dims(head_dim: int) -> None:
+    _gpu_case(mods.causal_mod(), seq=1000, dtype=jnp.bfloat16, head_dim=head_dim)
+
+
+@pytest.mark.gpu
+def test_gpu_alibi_window_gqa() -> None:
+    score_mod = mods.compose_score_mods(mods.alibi_mod(8), mods.sliding_window_mod(256))
+    _gpu_case(score_mod, seq=2048, dtype=jnp.bfloat16, num_kv_heads=2)
+
+
+@pytest.mark.gpu
+def test_gpu_documents_softcap_float32() -> None:
+    ids = jnp.asarray(np.repeat(np.arange(4), [300, 500, 200, 24])[None].repeat(2, 0))
+    score_mod = mods.compose_score_mods(mods.softcap_mod(20.0), mods.document_mask_mod(ids))
+    _gpu_case(score_mod, seq=1024, dtype=jnp.float32, num_kv_heads=1, head_dim=64)
+
+
+@pytest.mark.gpu
+def test_gpu_bias_gradient() -> None:
+    bias = jax.random.normal(jax.random.key(3), (1, 8, 512, 512), jnp.float32)
+    query, key, value = random_qkv(22, num_heads=8, num_kv_heads=4, seq_q=512, head_dim=64)
+
+    def loss(b: jax.Array, fn: Callable[..., jax.Array], **kw: Any) -> jax.Array:
+        score_mod = mods.compose_score_mods(mods.additive_bias_mod(b), mods.causal_mod())
+        return jnp.sum(fn(query, key, value, score_mod=score_mod, **kw) ** 2)
+
+    got = jax.jit(jax.grad(lambda b: loss(b, pallas_flash_attention)))(bias)
+    want = jax.jit(jax.grad(lambda b: loss(b, standard_attention, precision=HIGHEST)))(bias)
+    assert relative_error(got, want) < 5e-3
