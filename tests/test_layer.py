@@ -232,3 +232,51 @@ def test_bad_inputs_name_the_argument() -> None:
         layer(jnp.ones((1, 3, 7)))
     with pytest.raises(ValueError, match="`context`"):
         layer(jnp.ones((1, 3, 8)), context=jnp.ones((2, 3, 8)))
+
+
+@pytest.mark.parametrize("cache_kind", ["contiguous", "paged", "ring"])
+def test_prefill_then_decode_equals_full_causal_pass(cache_kind: str) -> None:
+    from attnax._cache import BlockAllocator, init_kv_layer_cache, init_paged_kv_cache
+
+    window = 5
+    layer = attnax.MultiHeadAttention(
+        nnx.Rngs(0), num_heads=4, in_features=32, num_kv_heads=2, use_rope=True,
+        score_mod=attnax.compose_score_mods(attnax.causal_mod(), attnax.alibi_mod(4)),
+        attention_window=window,
+    )
+    x = jax.random.normal(jax.random.key(1), (2, 11, 32))
+    full = layer(x)
+    cache: Any
+    if cache_kind == "contiguous":
+        cache = init_kv_layer_cache(2, 2, 8, 16, jnp.float32)
+    elif cache_kind == "ring":
+        cache = init_kv_layer_cache(2, 2, 8, window, jnp.float32, ring_buffer=True)
+    else:
+        cache = init_paged_kv_cache(
+            num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8, batch_size=2,
+            max_blocks_per_seq=4, dtype=jnp.float32,
+        )
+        allocator = BlockAllocator.for_cache(cache)
+        for row in range(2):
+            cache = allocator.reserve(cache, sequence_idx=row, num_new_tokens=11)
+    out, cache = layer(x[:, :4], kv_cache=cache)
+    outs = [out]
+    step = nnx.jit(lambda m, xi, c: m(xi, kv_cache=c))
+    for t in range(4, 11):
+        out, cache = step(layer, x[:, t : t + 1], cache)
+        outs.append(out)
+    assert relative_error(jnp.concatenate(outs, axis=1), full) < 1e-4
+
+
+def test_cache_decoding_refuses_what_it_cannot_do() -> None:
+    from attnax._cache import init_kv_layer_cache
+
+    cache = init_kv_layer_cache(1, 2, 4, 8, jnp.float32)
+    layer = attnax.MultiHeadAttention(nnx.Rngs(0), num_heads=2, in_features=8, attention_type="linear")
+    with pytest.raises(NotImplementedError, match="linear"):
+        layer(jnp.ones((1, 2, 8)), kv_cache=cache)
+    softmax = attnax.MultiHeadAttention(nnx.Rngs(0), num_heads=2, in_features=8)
+    with pytest.raises(NotImplementedError, match="mask"):
+        softmax(jnp.ones((1, 2, 8)), kv_cache=cache, mask=jnp.ones((1, 1, 2, 2), bool))
+    with pytest.raises(ValueError, match="capacity"):
+        softmax(jnp.ones((1, 9, 8)), kv_cache=cache)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from ._cache import KVLayerCache, PagedKVCache
+from ._cache import KVLayerCache, PagedKVCache, attend_with_cache, cache_positions
 from ._checks import check_attention_output
 from ._mods import CausalMask, MaskScoreMod, SlidingWindowMask, compose_score_mods, split_score_mod
 from ._rope import apply_rope, rope_table
@@ -435,6 +435,35 @@ class MultiHeadAttention(nnx.Module):
         position_ids_q: Array | None,
         score_mod: ScoreMod | None,
     ) -> tuple[Array, KVLayerCache | PagedKVCache]:
-        raise NotImplementedError(
-            "decoding with kv_cache is not built yet (issue: decoding); call without kv_cache."
+        """Decode step: rotate at absolute positions, append, attend over the whole cache."""
+        spec = self._spec
+        if mask is not None:
+            raise NotImplementedError(
+                "`mask` is not supported with `kv_cache`: the cache masks beyond each row's "
+                "length itself; express other masking as a score mod (e.g. document_mask_mod)."
+            )
+        if spec.attention_fn is None and spec.attention_type in (
+            AttentionType.LINEAR,
+            AttentionType.LITE,
+        ):
+            raise NotImplementedError(
+                f"attention_type={spec.attention_type.value!r} has no KV-cache decode path; decode "
+                "with a softmax backend (flash, pallas_flash, memory_efficient, standard)."
+            )
+        seq_q = x.shape[1]
+        positions = cache_positions(kv_cache, seq_q) if position_ids_q is None else position_ids_q
+        if spec.use_rope:
+            assert isinstance(self.rope, RotaryTable)
+            table = self.rope[...]
+            query = apply_rope(query, positions, table, argument="position_ids_q")
+            key = apply_rope(key, positions, table, argument="position_ids_q")
+        out, new_cache = attend_with_cache(
+            jnp.swapaxes(query, 1, 2),
+            jnp.swapaxes(key, 1, 2),
+            jnp.swapaxes(value, 1, 2),
+            kv_cache,
+            score_mod=compose_score_mods(spec.score_mod, score_mod),
+            attention_window=spec.attention_window,
+            kernel=spec.attention_fn,
         )
+        return self._project_out(jnp.swapaxes(out, 1, 2), deterministic), new_cache

@@ -1,0 +1,456 @@
+"""Split-KV decode attention that reads keys and values through a block table (paged cache).
+
+The cache is a pool of fixed-size blocks shared by all sequences, ``key_pool`` of shape
+(num_blocks, block_size, kv_heads, head_dim); row ``b``'s logical token ``j`` lives in block
+``block_table[b, j // block_size]`` at offset ``j % block_size``. The kernel never gathers a
+whole sequence: each program walks its split of the block table and loads
+``pages_per_step`` blocks at a time straight from the pool (a Triton gather load), with the
+same online softmax, GQA row grouping, absolute positions and log-sum-exp merge as the
+contiguous kernel in :mod:`attnax.kernels._decode`.
+
+Backends: Pallas (Triton on GPU; ``interpret=True`` on CPU) and an XLA path that gathers one
+tile of ``pages_per_step`` blocks per loop step (never the whole sequence). Forward-only, like
+the contiguous decode kernel.
+"""
+
+import functools
+from typing import Any
+
+import beartype
+import jax
+import jax.numpy as jnp
+import jaxtyping
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from .._checks import shape_checks_enabled
+from .._mods import split_score_mod
+from .._typing import AttentionOutput, QueryArray, ScoreMod
+from ._common import default_scale
+from ._decode import (
+    MIN_ROWS,
+    NEG_INF_FINITE,
+    _gpu_compiler_params,
+    _is_power_of_two,
+    _next_power_of_two,
+    check_decode_arguments,
+    default_num_splits,
+    group_query_rows,
+    merge_splits,
+    online_softmax_step,
+    pallas_unsupported_reason,
+    resolve_use_pallas,
+    row_indices,
+    tile_range,
+    tile_scores,
+    ungroup_rows,
+    xla_decode_loop,
+)
+
+__all__ = ["paged_decode_attention"]
+
+
+def _paged_kernel(
+    length_ref: Any,
+    q_offset_ref: Any,
+    table_ref: Any,
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    out_ref: Any,
+    max_ref: Any,
+    sum_ref: Any,
+    *,
+    score_mod: ScoreMod | None,
+    scale: float,
+    group: int,
+    seq_q: int,
+    block_size: int,
+    pages_per_step: int,
+    steps_per_split: int,
+    num_steps_total: int,
+    causal: bool,
+    attention_window: int | None,
+) -> None:
+    b = pl.program_id(0)
+    kv_head = pl.program_id(1)
+    split = pl.program_id(2)
+    length = length_ref[0]
+    q_offset = q_offset_ref[0]
+    q = q_ref[...]
+    rows, head_dim = q.shape
+    tile = pages_per_step * block_size
+    h_idx, q_pos = row_indices(
+        jnp.arange(rows)[:, None], group=group, seq_q=seq_q, kv_head=kv_head, q_offset=q_offset
+    )
+    mask_mod, value_mod = split_score_mod(score_mod)
+    lo, hi = tile_range(
+        length=length,
+        q_offset=q_offset,
+        seq_q=seq_q,
+        tile=tile,
+        causal=causal,
+        attention_window=attention_window,
+    )
+    first = jnp.maximum(split * steps_per_split, lo)
+    last = jnp.minimum(jnp.minimum((split + 1) * steps_per_split, num_steps_total), hi)
+    num_steps = jnp.maximum(last - first, 0)
+    kv_offsets = jnp.arange(tile)[None, :]
+
+    def body(step: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+        out_prev, max_prev, sum_prev = carry
+        index = first + step
+        # Unallocated entries (-1) only occur past the row's length, where every score is
+        # masked; block 0 is a harmless address to read instead.
+        pages = jnp.maximum(table_ref[pl.ds(index * pages_per_step, pages_per_step)], 0)
+        k = k_ref[pages].reshape(tile, head_dim)
+        v = v_ref[pages].reshape(tile, head_dim)
+        scores = (
+            jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            * scale
+        )
+        scores = tile_scores(
+            scores,
+            b_idx=b,
+            h_idx=h_idx,
+            q_pos=q_pos,
+            kv_pos=index * tile + kv_offsets,
+            length=length,
+            causal=causal,
+            attention_window=attention_window,
+            mask_mod=mask_mod,
+            value_mod=value_mod,
+        )
+
+        def value_product(weights: Any) -> Any:
+            return jax.lax.dot_general(
+                weights.astype(v.dtype),
+                v,
+                (((1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
+
+        return online_softmax_step(scores, max_prev, sum_prev, out_prev, value_product)
+
+    init = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), NEG_INF_FINITE, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    out, row_max, row_sum = jax.lax.fori_loop(0, num_steps, body, init)
+    out_ref[...] = out
+    max_ref[...] = row_max
+    sum_ref[...] = row_sum
+
+
+def _pad_table(block_table: Int[Array, "B M"], columns: int) -> Int[Array, "B Mp"]:
+    extra = columns - block_table.shape[1]
+    if extra <= 0:
+        return block_table.astype(jnp.int32)
+    return jnp.pad(block_table.astype(jnp.int32), ((0, 0), (0, extra)), constant_values=-1)
+
+
+def _pallas_paged(
+    query: QueryArray,
+    key_pool: Float[Array, "N P Hk D"],
+    value_pool: Float[Array, "N P Hk D"],
+    block_table: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    q_offset: Int[Array, " B"],
+    *,
+    score_mod: ScoreMod | None,
+    scale: float,
+    causal: bool,
+    attention_window: int | None,
+    num_splits: int | None,
+    pages_per_step: int,
+    rows: int,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+) -> AttentionOutput:
+    batch, num_heads, seq_q, head_dim = query.shape
+    num_blocks, block_size, num_kv_heads, _ = key_pool.shape
+    group = num_heads // num_kv_heads
+    num_steps_total = -(-block_table.shape[1] // pages_per_step)
+    splits = num_splits or default_num_splits(batch, num_kv_heads, num_steps_total)
+    splits = min(splits, num_steps_total)
+    steps_per_split = -(-num_steps_total // splits)
+    table = _pad_table(block_table, num_steps_total * pages_per_step)
+    q_rows = group_query_rows(query, num_kv_heads, rows)
+    # (N, P, Hk, D) -> (N, P, Hk * D) is free; a block of D columns then selects one KV head.
+    k_flat = key_pool.reshape(num_blocks, block_size, num_kv_heads * head_dim)
+    v_flat = value_pool.reshape(num_blocks, block_size, num_kv_heads * head_dim)
+    kernel = functools.partial(
+        _paged_kernel,
+        score_mod=score_mod,
+        scale=scale,
+        group=group,
+        seq_q=seq_q,
+        block_size=block_size,
+        pages_per_step=pages_per_step,
+        steps_per_split=steps_per_split,
+        num_steps_total=num_steps_total,
+        causal=causal,
+        attention_window=attention_window,
+    )
+    scalar_spec = pl.BlockSpec((1,), lambda b, h, s: (b,))
+    pool_spec = pl.BlockSpec((num_blocks, block_size, head_dim), lambda b, h, s: (0, 0, h))
+    out, row_max, row_sum = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, splits),
+        in_specs=[
+            scalar_spec,
+            scalar_spec,
+            pl.BlockSpec((None, table.shape[1]), lambda b, h, s: (b, 0)),
+            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            pool_spec,
+            pool_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),  # type: ignore[no-untyped-call]
+        ],
+        compiler_params=_gpu_compiler_params(num_warps, num_stages, interpret),
+        interpret=interpret,
+        name="attnax_paged_decode_attention",
+    )(lengths.astype(jnp.int32), q_offset.astype(jnp.int32), table, q_rows, k_flat, v_flat)
+    merged = merge_splits(out, row_max, row_sum)
+    return ungroup_rows(merged, num_heads, seq_q).astype(query.dtype)
+
+
+def _xla_paged(
+    query: QueryArray,
+    key_pool: Float[Array, "N P Hk D"],
+    value_pool: Float[Array, "N P Hk D"],
+    block_table: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    q_offset: Int[Array, " B"],
+    *,
+    score_mod: ScoreMod | None,
+    scale: float,
+    causal: bool,
+    attention_window: int | None,
+    pages_per_step: int,
+) -> AttentionOutput:
+    batch = query.shape[0]
+    _, block_size, num_kv_heads, head_dim = key_pool.shape
+    num_steps = -(-block_table.shape[1] // pages_per_step)
+    table = jnp.maximum(_pad_table(block_table, num_steps * pages_per_step), 0)
+    tile = pages_per_step * block_size
+
+    def load_tile(index: Any) -> tuple[Any, Any, Any, Any]:
+        pages = jax.lax.dynamic_slice_in_dim(table, index * pages_per_step, pages_per_step, axis=1)
+
+        def gather(pool: Any) -> Any:
+            blocks = pool[pages].reshape(batch, tile, num_kv_heads, head_dim)
+            return jnp.swapaxes(blocks, 1, 2)
+
+        kv_pos = (index * tile + jnp.arange(tile)).reshape(1, 1, 1, tile)
+        return gather(key_pool), gather(value_pool), kv_pos, None
+
+    return xla_decode_loop(
+        query,
+        load_tile,
+        num_kv_heads=num_kv_heads,
+        num_tiles=num_steps,
+        tile=tile,
+        lengths=lengths,
+        q_offset=q_offset,
+        score_mod=score_mod,
+        scale=scale,
+        causal=causal,
+        attention_window=attention_window,
+    )
+
+
+def paged_decode_attention(
+    query: QueryArray,
+    key_pool: Float[Array, "N P Hk D"],
+    value_pool: Float[Array, "N P Hk D"],
+    block_table: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    score_mod: ScoreMod | None = None,
+    q_offset: Int[Array, " B"] | None = None,
+    causal: bool = True,
+    attention_window: int | None = None,
+    num_splits: int | None = None,
+    block_kv: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    use_pallas: bool | None = None,
+    interpret: bool = False,
+    scale: float | None = None,
+) -> AttentionOutput:
+    r"""Decode attention over a paged cache, reading K/V through the block table.
+
+    Args:
+      query: (batch, heads, seq_q, head_dim), a few new tokens per row.
+      key_pool: (num_blocks, block_size, kv_heads, head_dim), shared by all rows; ``kv_heads``
+        divides ``heads`` (GQA: one read per tile for the whole query-head group).
+      value_pool: like ``key_pool``.
+      block_table: (batch, max_blocks_per_seq) int, physical block of each logical block, -1
+        where unallocated (only allowed at or beyond ``lengths``).
+      lengths: (batch,) int, tokens stored per row; later keys are never attended.
+      score_mod: applied to the scaled scores with absolute (batch, head, query, key) indices.
+      q_offset: (batch,) absolute position of each row's first query; default
+        ``lengths - seq_q``.
+      causal: mask keys after each query's absolute position (default True).
+      attention_window: sliding window over absolute positions (tiles outside are skipped).
+      num_splits: programs per row and KV head (split-KV); default as in ``decode_attention``.
+      block_kv: keys per loop step; ``max(1, block_kv // block_size)`` blocks are loaded at
+        once (Pallas needs ``block_size`` a power of two and at least 16 keys per step).
+      num_warps: Triton warps per program (GPU only).
+      num_stages: Triton pipelining stages (GPU only).
+      use_pallas: as in ``decode_attention``: True (raise ``NotImplementedError`` when
+        unsupported), False (XLA) or None (Pallas on GPU / with ``interpret`` when supported).
+      interpret: run the Pallas kernel in the interpreter (CPU tests).
+      scale: score scale, ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+      (batch, heads, seq_q, head_dim) in the query's dtype; a query with no allowed key gives
+      zeros.
+
+    Raises:
+      ValueError: for arguments that do not fit together.
+      NotImplementedError: for ``use_pallas=True`` with a configuration Pallas cannot run.
+    """
+    if shape_checks_enabled():
+        return _checked_paged_decode_attention(
+            query,
+            key_pool,
+            value_pool,
+            block_table,
+            lengths,
+            score_mod=score_mod,
+            q_offset=q_offset,
+            causal=causal,
+            attention_window=attention_window,
+            num_splits=num_splits,
+            block_kv=block_kv,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            use_pallas=use_pallas,
+            interpret=interpret,
+            scale=scale,
+        )
+    return _paged_decode_attention(
+        query,
+        key_pool,
+        value_pool,
+        block_table,
+        lengths,
+        score_mod=score_mod,
+        q_offset=q_offset,
+        causal=causal,
+        attention_window=attention_window,
+        num_splits=num_splits,
+        block_kv=block_kv,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        use_pallas=use_pallas,
+        interpret=interpret,
+        scale=scale,
+    )
+
+
+def _paged_decode_attention(
+    query: QueryArray,
+    key_pool: Float[Array, "N P Hk D"],
+    value_pool: Float[Array, "N P Hk D"],
+    block_table: Int[Array, "B M"],
+    lengths: Int[Array, " B"],
+    *,
+    score_mod: ScoreMod | None,
+    q_offset: Int[Array, " B"] | None,
+    causal: bool,
+    attention_window: int | None,
+    num_splits: int | None,
+    block_kv: int,
+    num_warps: int,
+    num_stages: int,
+    use_pallas: bool | None,
+    interpret: bool,
+    scale: float | None,
+) -> AttentionOutput:
+    name = "paged_decode_attention"
+    if key_pool.ndim != 4 or key_pool.shape != value_pool.shape:
+        raise ValueError(
+            f"{name}: `key_pool` {key_pool.shape} and `value_pool` {value_pool.shape} must have "
+            "the same shape (num_blocks, block_size, kv_heads, head_dim)."
+        )
+    if block_table.ndim != 2 or block_table.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"{name}: `block_table` must have shape (batch, max_blocks_per_seq) with batch "
+            f"{query.shape[0]}, got {block_table.shape}."
+        )
+    if not _is_power_of_two(block_kv):
+        raise ValueError(f"{name}: `block_kv` must be a power of two, got {block_kv}.")
+    _, block_size, num_kv_heads, head_dim = key_pool.shape
+    check_decode_arguments(
+        query,
+        lengths,
+        q_offset,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        attention_window=attention_window,
+        num_splits=num_splits,
+        name=name,
+    )
+    _, num_heads, seq_q, _ = query.shape
+    scale_value = default_scale(head_dim, scale)
+    offsets = lengths - seq_q if q_offset is None else q_offset
+    pages_per_step = max(1, block_kv // block_size)
+    rows = max(MIN_ROWS, _next_power_of_two((num_heads // num_kv_heads) * seq_q))
+    reason = pallas_unsupported_reason(
+        head_dim=head_dim, rows=rows, tile=pages_per_step * block_size, score_mod=score_mod
+    )
+    if reason is None and not _is_power_of_two(block_size):
+        reason = f"block_size {block_size} is not a power of two"
+    if resolve_use_pallas(use_pallas, interpret, reason, name=name):
+        return _pallas_paged(
+            query,
+            key_pool,
+            value_pool,
+            block_table,
+            lengths,
+            offsets,
+            score_mod=score_mod,
+            scale=scale_value,
+            causal=causal,
+            attention_window=attention_window,
+            num_splits=num_splits,
+            pages_per_step=pages_per_step,
+            rows=rows,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            interpret=interpret,
+        )
+    return _xla_paged(
+        query,
+        key_pool,
+        value_pool,
+        block_table,
+        lengths,
+        offsets,
+        score_mod=score_mod,
+        scale=scale_value,
+        causal=causal,
+        attention_window=attention_window,
+        pages_per_step=pages_per_step,
+    )
+
+
+# The shared ``shape_checked`` decorator also checks head grouping on the first three arguments
+# as (query, key, value); here the second is a pool whose axis 1 is the block size, so the
+# jaxtyping + beartype check is applied directly (dimension names still bind across arguments).
+_checked_paged_decode_attention = jaxtyping.jaxtyped(typechecker=beartype.beartype)(
+    _paged_decode_attention
+)
