@@ -1,0 +1,222 @@
+"""Ring attention over 2 GPUs (zigzag, causal) against the best single-GPU attnax kernels.
+
+B1, H16, D128, bf16, causal; forward and forward+backward at total length 65536 and longer.
+Single GPU: ``flash_attention`` (cuDNN) and ``memory_efficient_attention`` on the whole
+sequence on device 0. Ring: ``ring_attention`` inside ``jax.shard_map`` over both GPUs, the
+sequence already in zigzag (and, for comparison, contiguous) order, as a data loader would
+deliver it (the permutation is not timed).
+
+Throughput ratio = single-GPU time / ring time on the same total length; parallel efficiency =
+ratio / number of GPUs. TFLOP/s in the FlashAttention convention (causal forward
+2*B*H*T^2*D, x3.5 for forward+backward).
+
+Usage::
+
+    python benchmarks/ring.py                 # on nvidia-h100-x2; writes $OUT/ring_2xh100.json
+    python benchmarks/ring.py --smoke         # CPU, 2 virtual devices, tiny sizes
+
+Each configuration runs in its own try/except; once ``--budget`` seconds have passed the rest
+are recorded as skipped, and the table is printed last.
+"""
+
+import argparse
+import os
+import sys
+
+if "--smoke" in sys.argv:
+    # Before JAX starts: two virtual CPU devices stand in for the two GPUs.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    )
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from attnax._mods import causal_mod
+from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels._ring import ring_attention
+
+START = time.perf_counter()
+rows: list[dict[str, Any]] = []
+
+
+def timed(fn: Callable[..., Any], *args: Any, n: int) -> float:
+    """Median milliseconds of ``n`` calls after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))  # type: ignore[no-untyped-call]
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))  # type: ignore[no-untyped-call]
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def causal_flops(batch: int, heads: int, seq: int, head_dim: int, mode: str) -> float:
+    forward = 2.0 * batch * heads * seq * seq * head_dim  # 4*B*H*T^2*D halved for causal
+    return forward * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def with_grad(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return jnp.sum(fn(q, k, v).astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def single_gpu_kernels(block_size: int) -> dict[str, Callable[..., jax.Array]]:
+    kernels: dict[str, Callable[..., jax.Array]] = {
+        "memory_efficient": lambda q, k, v: memory_efficient_attention(
+            q, k, v, score_mod=causal_mod(), block_size=block_size
+        ),
+    }
+    try:
+        from attnax.kernels._flash import flash_attention
+    except ModuleNotFoundError as error:  # the flash kernel is another helper's file
+        print(f"flash_attention unavailable: {error}", flush=True)
+    else:
+        kernels = {
+            "flash_cudnn": lambda q, k, v: flash_attention(q, k, v, score_mod=causal_mod()),
+            **kernels,
+        }
+    return kernels
+
+
+def run_config(
+    impl: str, seq: int, mode: str, build: Callable[[], tuple[Callable[..., Any], tuple[Any, ...]]],
+    *, heads: int, head_dim: int, iters: int, budget: float, devices: int,
+) -> None:
+    row: dict[str, Any] = {"impl": impl, "seq": seq, "mode": mode, "devices": devices}
+    if time.perf_counter() - START > budget:
+        row["error"] = "skipped (time budget)"
+        rows.append(row)
+        print(f"{impl:28s} T={seq:<7d} {mode:8s} skipped (time budget)", flush=True)
+        return
+    try:
+        fn, args = build()
+        ms = timed(fn, *args, n=iters)
+        flops = causal_flops(1, heads, seq, head_dim, mode)
+        row.update(ms=round(ms, 3), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                   tokens_per_s=round(seq / (ms * 1e-3)))
+        print(f"{impl:28s} T={seq:<7d} {mode:8s} {ms:10.2f} ms {row['tflops']:7.1f} TF/s", flush=True)
+    except Exception as error:  # noqa: BLE001 - a benchmark records each failure (OOM) and goes on
+        message = (type(error).__name__ + ": " + str(error)).splitlines()[0][:300]
+        row["error"] = message
+        print(f"{impl:28s} T={seq:<7d} {mode:8s} FAILED {message}", flush=True)
+        traceback.print_exc(limit=2)
+    rows.append(row)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, 2 virtual devices, tiny sizes")
+    parser.add_argument("--lengths", default="", help="comma-separated total lengths")
+    parser.add_argument("--block-size", type=int, default=0, help="ring/memory-efficient tile")
+    parser.add_argument("--budget", type=float, default=220.0, help="seconds before skipping")
+    parser.add_argument("--iters", type=int, default=0)
+    parser.add_argument("--no-contiguous", action="store_true", help="skip the contiguous ring")
+    args = parser.parse_args()
+
+    heads, head_dim = (2, 16) if args.smoke else (16, 128)
+    lengths = [int(x) for x in args.lengths.split(",") if x] or (
+        [64, 128] if args.smoke else [65536, 131072]
+    )
+    block_size = args.block_size or (16 if args.smoke else 2048)
+    iters = args.iters or (2 if args.smoke else 3)
+    dtype = jnp.float32 if args.smoke else jnp.bfloat16
+    devices = jax.devices()[:2]
+    if len(devices) < 2:
+        sys.exit("benchmarks/ring.py needs 2 devices (run on nvidia-h100-x2, or --smoke on CPU)")
+    mesh = Mesh(np.array(devices), ("seq",))
+    spec = PartitionSpec(None, None, "seq", None)  # type: ignore[no-untyped-call]
+    sharded = NamedSharding(mesh, spec)
+    single = jax.sharding.SingleDeviceSharding(devices[0])
+    print(f"devices: {[d.device_kind for d in devices]}  jax {jax.__version__}", flush=True)
+
+    def inputs(seq: int, sharding: Any) -> tuple[jax.Array, ...]:
+        shape = (1, heads, seq, head_dim)
+
+        @jax.jit
+        def make(key: jax.Array) -> tuple[jax.Array, ...]:
+            kq, kk, kv = jax.random.split(key, 3)
+            return tuple(jax.random.normal(k, shape, dtype) for k in (kq, kk, kv))
+
+        made = make(jax.random.key(seq))
+        return tuple(jax.device_put(x, sharding) for x in made)
+
+    for seq in lengths:
+        for mode in ("fwd", "fwd+bwd"):
+            for layout in ("zigzag",) if args.no_contiguous else ("zigzag", "contiguous"):
+
+                def build_ring(seq: int = seq, mode: str = mode, layout: str = layout) -> Any:
+                    def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+                        return ring_attention(
+                            q, k, v, axis_name="seq", score_mod=causal_mod(),
+                            layout=layout, block_size=block_size,  # type: ignore[arg-type]
+                        )
+
+                    mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+                    fn = jax.jit(mapped if mode == "fwd" else with_grad(mapped))
+                    return fn, inputs(seq, sharded)
+
+                run_config(f"ring_2gpu_{layout}", seq, mode, build_ring, heads=heads,
+                           head_dim=head_dim, iters=iters, budget=args.budget, devices=2)
+            for name, kernel in single_gpu_kernels(block_size).items():
+
+                def build_single(seq: int = seq, mode: str = mode, kernel: Any = kernel) -> Any:
+                    fn = jax.jit(kernel if mode == "fwd" else with_grad(kernel))
+                    return fn, inputs(seq, single)
+
+                run_config(f"single_{name}", seq, mode, build_single, heads=heads,
+                           head_dim=head_dim, iters=iters, budget=args.budget, devices=1)
+
+    # Ratios against the best single-GPU kernel on the same length and mode.
+    summary: list[dict[str, Any]] = []
+    for seq in lengths:
+        for mode in ("fwd", "fwd+bwd"):
+            timed_rows = [r for r in rows if r["seq"] == seq and r["mode"] == mode and "ms" in r]
+            singles = [r for r in timed_rows if r["devices"] == 1]
+            best = min(singles, key=lambda r: r["ms"]) if singles else None
+            for ring in (r for r in timed_rows if r["devices"] == 2):
+                entry = {"seq": seq, "mode": mode, "ring": ring["impl"], "ring_ms": ring["ms"]}
+                if best is not None:
+                    ratio = best["ms"] / ring["ms"]
+                    entry.update(best_single=best["impl"], single_ms=best["ms"],
+                                 throughput_ratio=round(ratio, 3),
+                                 parallel_efficiency=round(ratio / 2, 3))
+                summary.append(entry)
+
+    out_dir = os.environ.get("OUT", "benchmarks/results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "ring_smoke.json" if args.smoke else "ring_2xh100.json")
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "devices": [d.device_kind for d in devices], "platform": devices[0].platform,
+                "jax_version": jax.__version__, "heads": heads, "head_dim": head_dim,
+                "dtype": str(jnp.dtype(dtype)), "block_size": block_size, "causal": True,
+                "rows": rows, "summary": summary, "seconds": round(time.perf_counter() - START, 1),
+            },
+            f, indent=2,
+        )
+    print(f"\nwrote {path}\n")
+    print(f"{'T':>7s} {'mode':8s} {'ring':22s} {'ring ms':>9s} {'best single':22s} "
+          f"{'single ms':>9s} {'ratio':>6s} {'eff':>5s}")
+    for e in summary:
+        print(f"{e['seq']:7d} {e['mode']:8s} {e['ring']:22s} {e['ring_ms']:9.2f} "
+              f"{e.get('best_single', '-'):22s} {e.get('single_ms', float('nan')):9.2f} "
+              f"{e.get('throughput_ratio', float('nan')):6.2f} "
+              f"{e.get('parallel_efficiency', float('nan')):5.2f}")
+
+
+if __name__ == "__main__":
+    main()
