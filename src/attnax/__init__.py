@@ -1,9 +1,23 @@
 """attnax: strictly typed attention for JAX and Flax NNX."""
 
+from ._cache import BlockAllocator as BlockAllocator
 from ._cache import KVLayerCache as KVLayerCache
 from ._cache import PagedKVCache as PagedKVCache
+from ._cache import allocate_blocks as allocate_blocks
+from ._cache import append_kv as append_kv
+from ._cache import append_kv_batched as append_kv_batched
+from ._cache import attend_with_cache as attend_with_cache
+from ._cache import cache_positions as cache_positions
+from ._cache import free_sequence as free_sequence
+from ._cache import gather_kv as gather_kv
+from ._cache import init_kv_layer_cache as init_kv_layer_cache
+from ._cache import init_paged_kv_cache as init_paged_kv_cache
+from ._cache import paged_attention as paged_attention
+from ._cache import paged_attention_batched as paged_attention_batched
+from ._cache import update_kv_layer_cache as update_kv_layer_cache
 from ._checks import shape_checks as shape_checks
 from ._checks import shape_checks_enabled as shape_checks_enabled
+from ._interop import as_flax_attention_fn as as_flax_attention_fn
 from ._layer import MultiHeadAttention as MultiHeadAttention
 from ._mods import additive_bias_mod as additive_bias_mod
 from ._mods import alibi_mod as alibi_mod
@@ -28,12 +42,25 @@ from ._spec import AttentionType as AttentionType
 from ._typing import AttentionFn as AttentionFn
 from ._typing import MaskMod as MaskMod
 from ._typing import ScoreMod as ScoreMod
+from .kernels import decode_attention as decode_attention
+from .kernels import flash_attention as flash_attention
+from .kernels import from_ring_layout as from_ring_layout
+from .kernels import linear_attention as linear_attention
+from .kernels import lite_attention as lite_attention
+from .kernels import memory_efficient_attention as memory_efficient_attention
+from .kernels import paged_decode_attention as paged_decode_attention
+from .kernels import pallas_flash_attention as pallas_flash_attention
+from .kernels import ring_attention as ring_attention
+from .kernels import ring_attention_reference as ring_attention_reference
+from .kernels import sharded_ring_attention as sharded_ring_attention
 from .kernels import standard_attention as standard_attention
+from .kernels import to_ring_layout as to_ring_layout
 
 __all__ = [
     "AttentionFn",
     "AttentionSpec",
     "AttentionType",
+    "BlockAllocator",
     "KVLayerCache",
     "MaskMod",
     "MultiHeadAttention",
@@ -42,22 +69,47 @@ __all__ = [
     "additive_bias_mod",
     "alibi_mod",
     "alibi_slopes",
+    "allocate_blocks",
+    "append_kv",
+    "append_kv_batched",
+    "as_flax_attention_fn",
+    "attend_with_cache",
+    "cache_positions",
     "causal_mod",
     "combine_masks",
     "compose_score_mods",
+    "decode_attention",
     "document_mask_mod",
+    "flash_attention",
+    "free_sequence",
+    "from_ring_layout",
+    "gather_kv",
+    "init_kv_layer_cache",
+    "init_paged_kv_cache",
+    "linear_attention",
+    "lite_attention",
     "make_causal_mask",
     "make_document_mask",
     "make_padding_mask",
     "make_sliding_window_mask",
     "mask_mod_to_boolean_mask",
     "mask_mod_to_score_mod",
+    "memory_efficient_attention",
+    "paged_attention",
+    "paged_attention_batched",
+    "paged_decode_attention",
+    "pallas_flash_attention",
     "prefix_lm_mod",
+    "ring_attention",
+    "ring_attention_reference",
     "shape_checks",
     "shape_checks_enabled",
+    "sharded_ring_attention",
     "shift_positions",
     "sliding_window_mod",
     "softcap_mod",
     "split_score_mod",
     "standard_attention",
+    "to_ring_layout",
+    "update_kv_layer_cache",
 ]

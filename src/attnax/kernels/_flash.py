@@ -1,0 +1,551 @@
+"""FLASH attention: cuDNN's fused flash attention on NVIDIA GPUs, with documented fallbacks.
+
+The fast path is ``jax.nn.dot_product_attention(..., implementation="cudnn")``. Its layout is
+(batch, seq, heads, head_dim), so :func:`flash_attention_bthd` takes and returns that layout
+directly (the layer produces it straight from its projections, no transposes), and
+:func:`flash_attention` is the (batch, heads, seq, head_dim) ``AttentionFn``.
+
+Score mods are translated into cuDNN's own arguments, never into a dense (T, S) mask:
+
+* :class:`~attnax._mods.CausalMask` -> ``is_causal=True`` (top-left aligned, ``q >= kv``, as
+  in :func:`~attnax.standard_attention`);
+* :class:`~attnax._mods.SlidingWindowMask` ``(w, causal=True)`` -> ``is_causal=True`` and
+  ``local_window_size=(w - 1, 0)``: jax's window ``(left, right)`` admits keys in
+  ``[q - left, q + right]``, i.e. ``0 <= q - kv < w``; cuDNN receives
+  ``sliding_window_length = left + 1 = w`` (keys in ``(q - w, q]``);
+* :class:`~attnax._mods.AdditiveBiasMod` (and a composition of several) -> ``bias=``;
+* compositions of the above (an intersection of causal and windows is the smallest window).
+
+Everything else routes elsewhere (see :func:`flash_attention`).
+"""
+
+import dataclasses
+import importlib.util
+from typing import Any, Literal, TypeAlias
+
+import beartype
+import jax
+import jax.numpy as jnp
+import jaxtyping
+from jaxtyping import Array, Float
+
+from .._checks import shape_checked, shape_checks_enabled
+from .._mods import (
+    AdditiveBiasMod,
+    AndMask,
+    CausalMask,
+    SlidingWindowMask,
+    _ValueChain,
+    split_score_mod,
+)
+from .._typing import (
+    AttentionMask,
+    AttentionOutput,
+    KeyArray,
+    MaskMod,
+    PRNGKeyArray,
+    QueryArray,
+    ScoreMod,
+    ValueArray,
+)
+from ._common import check_dropout, check_mask, check_qkv, default_scale
+from ._memory_efficient import memory_efficient_attention
+
+__all__ = ["flash_attention", "flash_attention_bthd"]
+
+QueryBTHD: TypeAlias = Float[Array, "B T H D"]
+KeyBTHD: TypeAlias = Float[Array, "B S Hk D"]
+ValueBTHD: TypeAlias = Float[Array, "B S Hk D"]
+OutputBTHD: TypeAlias = Float[Array, "B T H D"]
+
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_PALLAS_MODULE = "attnax.kernels._pallas_flash"
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass(frozen=True)
+class _CudnnPlan:
+    """How a call maps onto ``jax.nn.dot_product_attention``'s own arguments."""
+
+    is_causal: bool
+    window_size: int | None  # causal sliding window: 0 <= q - kv < window_size
+    biases: tuple[Array, ...]  # each broadcastable to (B, H, T, S)
+
+
+def _cuda_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the default device when it is an NVIDIA GPU, else None."""
+    if jax.default_backend() != "gpu":
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if not isinstance(capability, str):
+        return None
+    parts = capability.split(".")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        return None  # not a CUDA capability string (for example a ROCm gfx name)
+    return int(parts[0]), int(parts[1])
+
+
+def _cudnn_mask(mask_mod: MaskMod | None) -> tuple[bool, int | None] | None:
+    """(is_causal, causal window) for mask mods cuDNN expresses natively, else None."""
+    if mask_mod is None:
+        return False, None
+    if isinstance(mask_mod, CausalMask):
+        return True, None
+    if isinstance(mask_mod, SlidingWindowMask):
+        # cuDNN has no right window without causal masking (jax raises for it).
+        return (True, mask_mod.window_size) if mask_mod.causal else None
+    if isinstance(mask_mod, AndMask):
+        is_causal, window = False, None
+        for part in mask_mod.mask_mods:
+            translated = _cudnn_mask(part)
+            if translated is None:
+                return None
+            part_causal, part_window = translated
+            is_causal = is_causal or part_causal
+            if part_window is not None:
+                window = part_window if window is None else min(window, part_window)
+        return is_causal, window
+    return None
+
+
+def _cudnn_biases(value_mod: ScoreMod | None) -> tuple[Array, ...] | None:
+    """The additive biases of a value mod made only of biases, else None."""
+    if value_mod is None:
+        return ()
+    if isinstance(value_mod, AdditiveBiasMod):
+        return (value_mod.bias,)
+    if isinstance(value_mod, _ValueChain):
+        biases: list[Array] = []
+        for part in value_mod.score_mods:
+            translated = _cudnn_biases(part)
+            if translated is None:
+                return None
+            biases.extend(translated)
+        return tuple(biases)
+    return None
+
+
+def _cudnn_plan(
+    *,
+    dtypes: tuple[Any, Any, Any],
+    head_dim: int,
+    seq_q: int,
+    seq_kv: int,
+    score_mod: ScoreMod | None,
+    compute_capability: tuple[int, int] | None,
+) -> _CudnnPlan | None:
+    """The cuDNN plan for this call, or None when cuDNN cannot serve it exactly."""
+    if compute_capability is None or compute_capability < (8, 0):
+        return None  # cuDNN flash attention needs an Ampere or newer NVIDIA GPU
+    query_dtype, key_dtype, value_dtype = (jnp.dtype(d) for d in dtypes)
+    if query_dtype not in _HALF_DTYPES or not query_dtype == key_dtype == value_dtype:
+        return None
+    max_head_dim = 256 if compute_capability >= (9, 0) else 128
+    if head_dim % 8 != 0 or head_dim > max_head_dim:
+        return None
+    mask_mod, value_mod = split_score_mod(score_mod)
+    translated = _cudnn_mask(mask_mod)
+    biases = _cudnn_biases(value_mod)
+    if translated is None or biases is None:
+        return None
+    # cuDNN's backward with a bias needs even sequence lengths (jax raises otherwise).
+    if biases and (seq_q % 2 or seq_kv % 2):
+        return None
+    is_causal, window = translated
+    return _CudnnPlan(is_causal=is_causal, window_size=window, biases=biases)
+
+
+# --------------------------------------------------------------------------- cuDNN call
+
+
+def _full_ts(x: jax.Array, seq_q: int, seq_kv: int) -> jax.Array:
+    """Broadcast the last two axes to (T, S), keeping size-1 batch/head axes (cuDNN's rule)."""
+    return jnp.broadcast_to(x, (*x.shape[:2], seq_q, seq_kv))
+
+
+def _call_dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mask: jax.Array | None,
+    plan: _CudnnPlan,
+    scale: float,
+    implementation: Literal["xla", "cudnn"],
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` in (B, T, H, D) with rows that see no key set to zero.
+
+    ``implementation="xla"`` runs the same argument mapping on any backend, which is how the
+    mapping is tested on CPU.
+    """
+    seq_q, seq_kv = query.shape[1], key.shape[1]
+    bias: jax.Array | None = None
+    for part in plan.biases:
+        # Cast to the query dtype: cuDNN adds the bias in the input precision.
+        full = _full_ts(jnp.asarray(part), seq_q, seq_kv).astype(query.dtype)
+        bias = full if bias is None else bias + full
+    dense_mask = None if mask is None else _full_ts(mask, seq_q, seq_kv)
+    window = None if plan.window_size is None else (plan.window_size - 1, 0)
+    out: jax.Array = jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=dense_mask,
+        scale=scale,
+        is_causal=plan.is_causal,
+        local_window_size=window,
+        implementation=implementation,
+    )
+    # A boolean mask becomes a large negative bias inside jax, so a row that sees no key would
+    # average all values; attnax's contract is zeros. Only rows a mask can empty are checked.
+    row_has_key: jax.Array | None = None
+    if dense_mask is not None:
+        allowed = dense_mask
+        q_pos = jnp.arange(seq_q).reshape(1, 1, seq_q, 1)
+        kv_pos = jnp.arange(seq_kv).reshape(1, 1, 1, seq_kv)
+        if plan.is_causal:
+            allowed = allowed & (q_pos >= kv_pos)
+        if plan.window_size is not None:
+            allowed = allowed & (q_pos - kv_pos < plan.window_size)
+        row_has_key = jnp.transpose(jnp.any(allowed, axis=-1), (0, 2, 1))[..., None]
+    elif plan.window_size is not None and seq_q > seq_kv + plan.window_size - 1:
+        # Queries past the last key by a whole window see no key.
+        row_has_key = (jnp.arange(seq_q) <= seq_kv + plan.window_size - 2).reshape(1, -1, 1, 1)
+    if row_has_key is not None:
+        out = jnp.where(row_has_key, out, jnp.zeros((), out.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def _pallas_available() -> bool:
+    return importlib.util.find_spec(_PALLAS_MODULE) is not None
+
+
+def _fallback_bhtd(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    mask: AttentionMask | None,
+    score_mod: ScoreMod | None,
+    dropout_rng: PRNGKeyArray | None,
+    dropout_rate: float,
+    deterministic: bool,
+    block_size: int,
+    scale: float | None,
+    on_cuda: bool,
+) -> jax.Array:
+    """Pallas flash on an NVIDIA GPU for half-precision inputs, memory-efficient otherwise."""
+    half = jnp.dtype(query.dtype) in _HALF_DTYPES
+    if on_cuda and half and _pallas_available():
+        from ._pallas_flash import pallas_flash_attention
+
+        return pallas_flash_attention(
+            query,
+            key,
+            value,
+            mask=mask,
+            score_mod=score_mod,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            deterministic=deterministic,
+            scale=scale,
+        )
+    return memory_efficient_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        score_mod=score_mod,
+        dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate,
+        deterministic=deterministic,
+        block_size=block_size,
+        scale=scale,
+    )
+
+
+def _cudnn_plan_for(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    seq_q: int,
+    seq_kv: int,
+    score_mod: ScoreMod | None,
+    dropout_active: bool,
+    name: str,
+) -> tuple[_CudnnPlan | None, bool]:
+    capability = _cuda_compute_capability()
+    plan = _cudnn_plan(
+        dtypes=(query.dtype, key.dtype, value.dtype),
+        head_dim=query.shape[-1],
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        score_mod=score_mod,
+        compute_capability=capability,
+    )
+    if plan is not None and dropout_active:
+        raise NotImplementedError(
+            f"{name}: dropout on the attention weights is not available on the cuDNN path "
+            "(jax.nn.dot_product_attention has no dropout); use memory_efficient_attention "
+            "or standard_attention for attention dropout, or set dropout_rate=0."
+        )
+    return plan, capability is not None
+
+
+def _check_block_size(block_size: int, name: str) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"{name}: `block_size` must be a positive int, got {block_size!r}.")
+
+
+# --------------------------------------------------------------------------- public
+
+
+@shape_checked
+def flash_attention(
+    query: QueryArray,
+    key: KeyArray,
+    value: ValueArray,
+    *,
+    mask: AttentionMask | None = None,
+    score_mod: ScoreMod | None = None,
+    dropout_rng: PRNGKeyArray | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    block_size: int = 512,
+    scale: float | None = None,
+) -> AttentionOutput:
+    """Flash attention in the (batch, heads, seq, head_dim) layout.
+
+    Paths, chosen from static facts (backend, dtypes, head_dim, the score mod's type):
+
+    1. cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``): NVIDIA GPU with compute
+       capability >= 8.0, query/key/value all bf16 or all fp16, head_dim a multiple of 8 and at
+       most 256 (128 before Hopper), and a score mod made only of causal masks, causal
+       sliding windows and additive biases (a bias also needs even seq_q and seq_kv, which
+       cuDNN's backward requires). A dense ``mask`` is passed as cuDNN's ``mask=`` (jax turns
+       it into a large negative bias), and rows it leaves without any key are set to zero.
+       Dropout is not available here: ``NotImplementedError``.
+    2. Pallas flash (``attnax.kernels._pallas_flash.pallas_flash_attention``, default tiles):
+       NVIDIA GPU, bf16/fp16 inputs, and a score mod cuDNN cannot express (ALiBi, softcap,
+       document, prefix-LM, non-causal windows, offsets, plain callables) or any other
+       reason cuDNN is out (head_dim, mixed dtypes). Until that module exists, path 3.
+    3. :func:`~attnax.kernels.memory_efficient_attention` (``block_size`` is its tile): float32
+       or float64 inputs on GPU, and every input on CPU/TPU. Dropout is supported here.
+
+    Args:
+      query: (batch, heads, seq_q, head_dim).
+      key: (batch, kv_heads, seq_kv, head_dim); ``kv_heads`` divides ``heads`` (cuDNN, Pallas
+        and the memory-efficient kernel all take fewer key/value heads natively).
+      value: like ``key``.
+      mask: boolean, broadcastable to (batch, heads, seq_q, seq_kv); True means attend.
+      score_mod: applied to the scaled scores with absolute indices (see the paths).
+      dropout_rng: key for dropout on the attention weights.
+      dropout_rate: probability of dropping a weight, in [0, 1).
+      deterministic: no dropout when True.
+      block_size: tile of the memory-efficient fallback (cuDNN and Pallas pick their own).
+      scale: score scale, ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+      (batch, heads, seq_q, head_dim) in the query's dtype; rows with no allowed key are zero.
+
+    Raises:
+      ValueError: for shapes that do not fit together or bad dropout/block arguments.
+      NotImplementedError: dropout on the cuDNN path.
+    """
+    name = "flash_attention"
+    check_qkv(query, key, value, name=name)
+    check_mask(mask, query, key, name=name)
+    dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
+    _check_block_size(block_size, name)
+    plan, on_cuda = _cudnn_plan_for(
+        query,
+        key,
+        value,
+        seq_q=query.shape[2],
+        seq_kv=key.shape[2],
+        score_mod=score_mod,
+        dropout_active=dropout_active,
+        name=name,
+    )
+    if plan is None:
+        return _fallback_bhtd(
+            query,
+            key,
+            value,
+            mask=mask,
+            score_mod=score_mod,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            deterministic=deterministic,
+            block_size=block_size,
+            scale=scale,
+            on_cuda=on_cuda,
+        )
+    out = _call_dot_product_attention(
+        jnp.swapaxes(query, 1, 2),
+        jnp.swapaxes(key, 1, 2),
+        jnp.swapaxes(value, 1, 2),
+        mask=mask,
+        plan=plan,
+        scale=default_scale(query.shape[-1], scale),
+        implementation="cudnn",
+    )
+    return jnp.swapaxes(out, 1, 2)
+
+
+def _check_bthd(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    name: str,
+) -> None:
+    """The (B, T, H, D) counterpart of ``check_qkv`` and ``check_mask``."""
+    for arg, array in (("query", query), ("key", key), ("value", value)):
+        if array.ndim != 4:
+            raise ValueError(
+                f"{name}: `{arg}` must have rank 4 (batch, seq, heads, head_dim), got shape "
+                f"{array.shape}."
+            )
+    if key.shape != value.shape:
+        raise ValueError(
+            f"{name}: `key` {key.shape} and `value` {value.shape} must have the same shape."
+        )
+    if query.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"{name}: `query` batch {query.shape[0]} differs from `key` batch {key.shape[0]}."
+        )
+    if query.shape[3] != key.shape[3]:
+        raise ValueError(
+            f"{name}: `query` head_dim {query.shape[3]} differs from `key` head_dim {key.shape[3]}."
+        )
+    if query.shape[2] % key.shape[2] != 0:
+        raise ValueError(
+            f"{name}: `key` has {key.shape[2]} heads, which does not divide the query's "
+            f"{query.shape[2]}; use a key/value head count that divides it."
+        )
+    if mask is None:
+        return
+    target = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
+    if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
+        raise ValueError(
+            f"{name}: `mask` of shape {mask.shape} is not broadcastable to (batch, heads, seq_q, "
+            f"seq_kv) = {target}; the mask keeps the (batch, heads, seq_q, seq_kv) order in "
+            "this layout too."
+        )
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"{name}: `mask` must be boolean (True = attend), got dtype {mask.dtype}; use a "
+            "score mod (additive_bias_mod) for additive biases."
+        )
+
+
+def flash_attention_bthd(
+    query: QueryBTHD,
+    key: KeyBTHD,
+    value: ValueBTHD,
+    *,
+    mask: AttentionMask | None = None,
+    score_mod: ScoreMod | None = None,
+    dropout_rng: PRNGKeyArray | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    block_size: int = 512,
+    scale: float | None = None,
+) -> OutputBTHD:
+    """:func:`flash_attention` in cuDNN's (batch, seq, heads, head_dim) layout.
+
+    For the layer, which can produce this layout from its projections for free: the cuDNN path
+    then runs without any transpose. Fallback paths transpose to (batch, heads, seq, head_dim)
+    and back. ``mask`` and score-mod indices keep the (batch, heads, seq_q, seq_kv) order.
+    Arguments, paths and errors are those of :func:`flash_attention`; shapes are checked by
+    jaxtyping (``"B T H D"``, ``"B S Hk D"``) when shape checks are on.
+    """
+    if shape_checks_enabled():
+        checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(_flash_bthd_impl)
+        return checked(
+            query,
+            key,
+            value,
+            mask=mask,
+            score_mod=score_mod,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            deterministic=deterministic,
+            block_size=block_size,
+            scale=scale,
+        )
+    return _flash_bthd_impl(
+        query,
+        key,
+        value,
+        mask=mask,
+        score_mod=score_mod,
+        dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate,
+        deterministic=deterministic,
+        block_size=block_size,
+        scale=scale,
+    )
+
+
+def _flash_bthd_impl(
+    query: QueryBTHD,
+    key: KeyBTHD,
+    value: ValueBTHD,
+    *,
+    mask: AttentionMask | None,
+    score_mod: ScoreMod | None,
+    dropout_rng: PRNGKeyArray | None,
+    dropout_rate: float,
+    deterministic: bool,
+    block_size: int,
+    scale: float | None,
+) -> OutputBTHD:
+    name = "flash_attention_bthd"
+    _check_bthd(query, key, value, mask, name=name)
+    dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
+    _check_block_size(block_size, name)
+    plan, on_cuda = _cudnn_plan_for(
+        query,
+        key,
+        value,
+        seq_q=query.shape[1],
+        seq_kv=key.shape[1],
+        score_mod=score_mod,
+        dropout_active=dropout_active,
+        name=name,
+    )
+    if plan is None:
+        out = _fallback_bhtd(
+            jnp.swapaxes(query, 1, 2),
+            jnp.swapaxes(key, 1, 2),
+            jnp.swapaxes(value, 1, 2),
+            mask=mask,
+            score_mod=score_mod,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            deterministic=deterministic,
+            block_size=block_size,
+            scale=scale,
+            on_cuda=on_cuda,
+        )
+        return jnp.swapaxes(out, 1, 2)
+    out_bthd: OutputBTHD = _call_dot_product_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        plan=plan,
+        scale=default_scale(query.shape[-1], scale),
+        implementation="cudnn",
+    )
+    return out_bthd
