@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on `nvidia-h100-x2` (two H100s): the single-GPU benchmarks run side by side,
 # one chain per GPU, each script timing its own peers in the same process; logs and JSON in $OUT.
-#   stage 1: bash benchmarks/device_run.sh single      stage 2: bash benchmarks/device_run.sh ring
+#   bash benchmarks/device_run.sh single | ring | recheck (GPU tests and prefill again)
 set -u
 source "$(ls -d ../shared shared .device_shared 2>/dev/null | head -1)/gpu/setup-device.sh"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -19,6 +19,18 @@ single)
     timeout 190 python3 benchmarks/prefill.py --xla-max-seq 16384
     timeout 170 python3 benchmarks/decode.py
   ) >"$OUT/gpu1.log" 2>&1 &
+  wait
+  ;;
+recheck)
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests --timeout 120 -rf 2>&1 | tail -40
+  ) >"$OUT/gpu_tests.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 200 python3 benchmarks/prefill.py --xla-max-seq 16384
+    timeout 90 python3 benchmarks/memeff_blocks.py
+  ) >"$OUT/prefill.log" 2>&1 &
   wait
   ;;
 ring)

@@ -121,16 +121,18 @@ def fwd_flops(
 def make_inputs(
     seed: int, layout: str, batch: int, heads: int, kv_heads: int, seq: int, dim: int
 ) -> tuple[jax.Array, ...]:
+    """The same values for both layouts: drawn as (B, T, H, D), transposed for "bhtd", so the
+    error column compares every implementation on identical inputs."""
     keys = jax.random.split(jax.random.key(seed), 4)
-    if layout == "bthd":
-        q_shape, kv_shape = (batch, seq, heads, dim), (batch, seq, kv_heads, dim)
-    else:
-        q_shape, kv_shape = (batch, heads, seq, dim), (batch, kv_heads, seq, dim)
+    q_shape, kv_shape = (batch, seq, heads, dim), (batch, seq, kv_heads, dim)
     q = jax.random.normal(keys[0], q_shape, jnp.bfloat16)
     k = jax.random.normal(keys[1], kv_shape, jnp.bfloat16)
     v = jax.random.normal(keys[2], kv_shape, jnp.bfloat16)
     grad_out = jax.random.normal(keys[3], q_shape, jnp.bfloat16)
-    return q, k, v, grad_out
+    arrays = (q, k, v, grad_out)
+    if layout == "bhtd":
+        arrays = tuple(jnp.swapaxes(x, 1, 2) for x in arrays)
+    return arrays
 
 
 def to_bthd(x: jax.Array, layout: str) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The ``attnax`` command line: ``demo``, ``spec schema``, ``spec check FILE``."""
+"""The ``attnax`` command line: ``demo``, ``spec schema``, ``spec check FILE``, ``bench``."""
 
 import argparse
 import importlib.resources
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import attnax
+from attnax._bench import add_bench_arguments, run_bench
 
 __all__ = ["main"]
 
@@ -142,6 +143,10 @@ def _spec_check(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    return run_bench(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnax", description=attnax.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     check = spec_commands.add_parser("check", help="validate spec files (exit 2 if any is invalid)")
     check.add_argument("files", nargs="+")
     check.set_defaults(handler=_spec_check)
+
+    bench = commands.add_parser(
+        "bench", help="time backends x sequence lengths x masks on this device (table, JSON, plot)"
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
     return parser
 
 
