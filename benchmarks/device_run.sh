@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call on `nvidia-h100-x2` (two H100s): the single-GPU benchmarks run side by side,
 # one chain per GPU, each script timing its own peers in the same process; logs and JSON in $OUT.
-#   bash benchmarks/device_run.sh single | ring | recheck (GPU tests and prefill again)
+#   bash benchmarks/device_run.sh single | ring | recheck (GPU tests and prefill again) | probe
 set -u
 source "$(ls -d ../shared shared .device_shared 2>/dev/null | head -1)/gpu/setup-device.sh"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -31,6 +31,18 @@ recheck)
     timeout 200 python3 benchmarks/prefill.py --xla-max-seq 16384
     timeout 90 python3 benchmarks/memeff_blocks.py
   ) >"$OUT/prefill.log" 2>&1 &
+  wait
+  ;;
+probe)
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 150 python3 benchmarks/linear_chunks.py
+  ) >"$OUT/linear.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 80 python3 -m attnax._cli demo
+    timeout 110 python3 -m attnax._cli bench --seq 4096 --repeats 5 --backends flash,pallas_flash,memory_efficient,linear --out "$OUT/bench_cli.json"
+  ) >"$OUT/cli.log" 2>&1 &
   wait
   ;;
 ring)

@@ -115,6 +115,16 @@ class KVLayerCache:
         the longest sequence. True: a sliding-window ring buffer, position ``p`` lives in slot
         ``p % capacity``, only the last ``capacity`` tokens are kept (O(window) memory), it
         never overflows and it must be attended with ``attention_window <= capacity``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_kv_layer_cache(batch_size=2, num_kv_heads=1, head_dim=4, max_len=8)
+      >>> cache.keys.shape, cache.capacity, cache.length.tolist()
+      ((2, 1, 8, 4), 8, [0, 0])
+      >>> new = jnp.ones((2, 1, 3, 4))  # 3 tokens for each row
+      >>> cache = attnax.update_kv_layer_cache(cache, new, new, start=cache.length)
+      >>> cache.length.tolist(), cache.overflow.tolist()
+      ([3, 3], [False, False])
     """
 
     keys: Float[Array, "B Hk L D"]
@@ -151,6 +161,18 @@ def init_kv_layer_cache(
 
     Returns:
       The cache.
+
+    Raises:
+      ValueError: when a size is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_kv_layer_cache(2, 1, 4, 8, jnp.bfloat16)
+      >>> cache.keys.shape, str(cache.keys.dtype), cache.length.tolist()
+      ((2, 1, 8, 4), 'bfloat16', [0, 0])
+      >>> window = attnax.init_kv_layer_cache(2, 1, 4, 4, ring_buffer=True)  # last 4 tokens only
+      >>> window.ring_buffer, window.capacity
+      (True, 4)
     """
     for value, name in (
         (batch_size, "batch_size"),
@@ -217,6 +239,19 @@ def update_kv_layer_cache(
     Raises:
       ValueError: for mismatched shapes, or (with concrete values) a write that does not fit,
         naming the capacity and the requested length.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_kv_layer_cache(2, 1, 4, 8)
+      >>> prompt = jnp.ones((2, 1, 3, 4))
+      >>> cache = attnax.update_kv_layer_cache(cache, prompt, prompt, start=0)
+      >>> token = jnp.full((2, 1, 1, 4), 2.0)
+      >>> # Row 0 appends at its length; row 1 rewrites its last token (speculative decoding).
+      >>> cache = attnax.update_kv_layer_cache(cache, token, token, start=jnp.array([3, 2]))
+      >>> cache.length.tolist()
+      [4, 3]
+      >>> cache.keys[:, 0, :4, 0].tolist()
+      [[1.0, 1.0, 1.0, 2.0], [1.0, 1.0, 2.0, 0.0]]
     """
     name = "update_kv_layer_cache"
     batch, num_kv_heads, capacity, head_dim = cache.keys.shape
@@ -314,6 +349,16 @@ class PagedKVCache:
       overflow: (batch,) bool, set when a jitted append found a needed block unallocated (the
         row's write was dropped). ``None`` only for caches built by hand; the functions here
         treat it as all False and always return an array.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=2, max_blocks_per_seq=2)
+      >>> cache.key_pool.shape, cache.block_table.tolist(), cache.seq_lengths.tolist()
+      ((4, 2, 1, 4), [[-1, -1], [-1, -1]], [0, 0])
+      >>> cache.num_blocks, cache.block_size, cache.max_blocks_per_seq, cache.batch_size
+      (4, 2, 2, 2)
     """
 
     key_pool: Float[Array, "N P Hk D"]
@@ -359,6 +404,30 @@ def init_paged_kv_cache(
     """An empty paged cache: zero pools, every block-table entry -1, lengths 0.
 
     For the Pallas decode kernel make ``block_size`` a power of two (16 or more is best).
+
+    Args:
+      num_blocks: blocks in each pool, shared by all rows.
+      block_size: tokens per block.
+      num_kv_heads: key/value heads of the layer.
+      head_dim: per-head feature size.
+      batch_size: rows (sequences) of the block table.
+      max_blocks_per_seq: blocks one sequence may own (its capacity is this times
+        ``block_size``).
+      dtype: storage dtype of the pools.
+
+    Returns:
+      The cache, with ``overflow`` all False.
+
+    Raises:
+      ValueError: when a size is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=8, block_size=16, num_kv_heads=2, head_dim=4,
+      ...     batch_size=2, max_blocks_per_seq=4)
+      >>> cache.key_pool.shape, cache.block_table.shape, cache.overflow.tolist()
+      ((8, 16, 2, 4), (2, 4), [False, False])
     """
     for value, name in (
         (num_blocks, "num_blocks"),
@@ -415,6 +484,18 @@ def allocate_blocks(
     Raises:
       ValueError: when too few free blocks are given, when the sequence would exceed
         ``max_blocks_per_seq``, or when a given id is out of range, repeated or already owned.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=1, max_blocks_per_seq=3)
+      >>> free = [2, 0, 1, 3]
+      >>> cache, used = attnax.allocate_blocks(
+      ...     cache, sequence_idx=0, num_new_tokens=3, free_block_ids=free)
+      >>> used, cache.block_table.tolist()
+      (2, [[2, 0, -1]])
+      >>> free = free[used:]
     """
     name = "allocate_blocks"
     row = _check_sequence_idx(cache, sequence_idx, name)
@@ -467,6 +548,25 @@ def free_sequence(cache: PagedKVCache, sequence_idx: int) -> tuple[PagedKVCache,
 
     Returns:
       ``(cache, freed_block_ids)``; the ids can be handed to :func:`allocate_blocks` again.
+
+    Args:
+      cache: the paged cache (concrete, not traced).
+      sequence_idx: the row of the block table.
+
+    Raises:
+      TypeError: when ``sequence_idx`` is not an int.
+      ValueError: when ``sequence_idx`` is out of range.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=1, max_blocks_per_seq=2)
+      >>> cache, _ = attnax.allocate_blocks(
+      ...     cache, sequence_idx=0, num_new_tokens=4, free_block_ids=[2, 0])
+      >>> cache, freed = attnax.free_sequence(cache, 0)
+      >>> freed, cache.block_table.tolist(), cache.seq_lengths.tolist()
+      ([2, 0], [[-1, -1]], [0])
     """
     row = _check_sequence_idx(cache, sequence_idx, "free_sequence")
     table = np.asarray(cache.block_table)
@@ -557,6 +657,18 @@ def append_kv(
     Raises:
       ValueError: for mismatched shapes, or (with concrete values) when a needed block is
         unallocated.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=1, max_blocks_per_seq=2)
+      >>> cache, _ = attnax.allocate_blocks(
+      ...     cache, sequence_idx=0, num_new_tokens=3, free_block_ids=[1, 2])
+      >>> new = jnp.ones((1, 3, 4))  # (kv_heads, T, head_dim)
+      >>> cache = attnax.append_kv(cache, 0, new, new)
+      >>> cache.seq_lengths.tolist(), cache.key_pool[:, :, 0, 0].tolist()
+      ([3], [[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
     """
     name = "append_kv"
     _, _, num_kv_heads, head_dim = cache.key_pool.shape
@@ -606,6 +718,19 @@ def append_kv_batched(
 
     Raises:
       ValueError: for mismatched shapes, or (with concrete values) a row that lacks a block.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=2, max_blocks_per_seq=2)
+      >>> allocator = attnax.BlockAllocator.for_cache(cache)
+      >>> cache = allocator.reserve(cache, sequence_idx=0, num_new_tokens=3)
+      >>> new = jnp.ones((2, 1, 3, 4))  # three tokens for each row
+      >>> active = jnp.array([True, False])  # row 1 is an idle serving slot
+      >>> cache = jax.jit(attnax.append_kv_batched)(cache, new, new, active=active)
+      >>> cache.seq_lengths.tolist(), cache.overflow.tolist()
+      ([3, 0], [False, False])
     """
     name = "append_kv_batched"
     _, _, num_kv_heads, head_dim = cache.key_pool.shape
@@ -636,6 +761,26 @@ def gather_kv(
     Returns:
       ``(keys, values, length)``: keys and values of shape (kv_heads, max_blocks_per_seq *
       block_size, head_dim), zero at and beyond ``length`` (the sequence's token count).
+
+    Args:
+      cache: the paged cache.
+      sequence_idx: the row (an int, or a traced scalar under ``jit``).
+
+    Raises:
+      ValueError: for an int ``sequence_idx`` out of range.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=1, max_blocks_per_seq=2)
+      >>> cache, _ = attnax.allocate_blocks(
+      ...     cache, sequence_idx=0, num_new_tokens=3, free_block_ids=[3, 1])
+      >>> new = jnp.arange(1.0, 4.0).reshape(1, 3, 1) * jnp.ones((1, 3, 4))
+      >>> cache = attnax.append_kv(cache, 0, new, new)
+      >>> keys, values, length = attnax.gather_kv(cache, 0)
+      >>> keys.shape, int(length), keys[0, :, 0].tolist()
+      ((1, 4, 4), 3, [1.0, 2.0, 3.0, 0.0])
     """
     if isinstance(sequence_idx, (int, np.integer)):
         _check_sequence_idx(cache, int(sequence_idx), "gather_kv")
@@ -660,12 +805,27 @@ class BlockAllocator:
     before an append and :meth:`release` returns a finished row's blocks to the free list.
     Blocks are handed out first-in first-out.
 
-    Example::
+    Args:
+      num_blocks: blocks in the cache's pools.
+      block_size: tokens per block.
+      max_blocks_per_seq: width of the cache's block table.
 
-        allocator = BlockAllocator.for_cache(cache)
-        cache = allocator.reserve(cache, sequence_idx=0, num_new_tokens=prompt_len)
-        ...  # jitted prefill / decode steps (append_kv_batched, attend_with_cache)
-        cache = allocator.release(cache, sequence_idx=0)
+    Raises:
+      ValueError: for a non-positive size.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=2, max_blocks_per_seq=2)
+      >>> allocator = attnax.BlockAllocator.for_cache(cache)
+      >>> cache = allocator.reserve(cache, sequence_idx=0, num_new_tokens=3)  # a 3-token prompt
+      >>> allocator.blocks_of(0), allocator.free_block_ids
+      ((0, 1), (2, 3))
+      >>> # ... jitted prefill / decode steps (append_kv_batched, attend_with_cache) ...
+      >>> cache = allocator.release(cache, sequence_idx=0)  # the sequence finished
+      >>> allocator.free_block_ids, cache.block_table.tolist()
+      ((2, 3, 0, 1), [[-1, -1], [-1, -1]])
     """
 
     def __init__(self, num_blocks: int, *, block_size: int, max_blocks_per_seq: int) -> None:
@@ -829,6 +989,22 @@ def paged_attention_batched(
 
     Returns:
       (batch, heads, seq_q, head_dim); keys at or beyond each row's length are masked.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=2, max_blocks_per_seq=2)
+      >>> allocator = attnax.BlockAllocator.for_cache(cache)
+      >>> for row in range(2):
+      ...     cache = allocator.reserve(cache, sequence_idx=row, num_new_tokens=3)
+      >>> keys = jax.random.normal(jax.random.key(0), (2, 1, 3, 4))
+      >>> cache = jax.jit(attnax.append_kv_batched)(cache, keys, keys)
+      >>> query = jax.random.normal(jax.random.key(1), (2, 2, 1, 4))  # the newest token's query
+      >>> out = jax.jit(attnax.paged_attention_batched)(query, cache)
+      >>> ref = attnax.standard_attention(query, keys, keys)
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((2, 2, 1, 4), True)
     """
     return paged_decode_attention(
         query,
@@ -872,9 +1048,40 @@ def paged_attention(
     ``seq_q`` positions (``length - seq_q + i``); with ``causal=True`` (default) each query
     sees its own and earlier positions, never positions at or beyond the length.
 
+    Args:
+      query: (heads, seq_q, head_dim) for one sequence, or (batch, heads, seq_q, head_dim).
+      cache: the paged cache (the queries' own keys already appended).
+      sequence_idx: the row for a rank-3 query; must be None for a rank-4 one.
+      score_mod: applied with absolute (batch, head, query, key) positions.
+      q_offset: absolute position of the first query (an int or per-row array); default
+        ``length - seq_q``.
+      causal: mask keys after each query's position.
+      attention_window: sliding window over absolute positions.
+      use_pallas: Pallas kernel (True), XLA (False) or automatic (None: Pallas on GPU).
+      interpret: run the Pallas kernel in the interpreter (CPU tests).
+      scale: score scale, ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+      The output in the query's layout and dtype.
+
     Raises:
       ValueError: for a rank other than 3 or 4, or ``sequence_idx`` given with a rank-4 query
         (or missing with a rank-3 one).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_paged_kv_cache(
+      ...     num_blocks=4, block_size=2, num_kv_heads=1, head_dim=4,
+      ...     batch_size=2, max_blocks_per_seq=2)
+      >>> cache, _ = attnax.allocate_blocks(
+      ...     cache, sequence_idx=1, num_new_tokens=3, free_block_ids=[0, 1])
+      >>> keys = jax.random.normal(jax.random.key(0), (1, 3, 4))  # (kv_heads, T, head_dim)
+      >>> cache = jax.jit(attnax.append_kv)(cache, 1, keys, keys)
+      >>> query = jax.random.normal(jax.random.key(1), (2, 1, 4))  # (heads, seq_q, head_dim)
+      >>> out = jax.jit(attnax.paged_attention)(query, cache, 1)  # sequence 1 alone
+      >>> ref = attnax.standard_attention(query[None], keys[None], keys[None])[0]
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((2, 1, 4), True)
     """
     name = "paged_attention"
     if query.ndim == 4:
@@ -935,6 +1142,24 @@ def cache_positions(cache: KVLayerCache | PagedKVCache, num_new: int) -> Int[Arr
 
     Rotate the new queries and keys with RoPE at these positions before
     :func:`attend_with_cache`.
+
+    Args:
+      cache: a :class:`KVLayerCache` or :class:`PagedKVCache`.
+      num_new: how many new tokens per row.
+
+    Returns:
+      (batch, num_new) int positions.
+
+    Raises:
+      ValueError: when ``num_new`` is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> cache = attnax.init_kv_layer_cache(2, 1, 4, 8)
+      >>> new = jnp.ones((2, 1, 1, 4))
+      >>> cache = attnax.update_kv_layer_cache(cache, new, new, start=jnp.array([2, 5]))
+      >>> attnax.cache_positions(cache, 2).tolist()  # rows now hold 3 and 6 tokens
+      [[3, 4], [6, 7]]
     """
     _positive_int(num_new, "num_new")
     length = cache.length if isinstance(cache, KVLayerCache) else cache.seq_lengths
@@ -1064,6 +1289,21 @@ def attend_with_cache(
     Raises:
       ValueError: for mismatched shapes, an overflowing write with concrete values, or a ring
         buffer without a fitting ``attention_window``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 4, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 1, 4, 4))
+      >>> cache = attnax.init_kv_layer_cache(1, 1, 4, 8)
+      >>> step = jax.jit(attnax.attend_with_cache)
+      >>> # Prefill three tokens, then decode the fourth:
+      >>> out3, cache = step(q[:, :, :3], kv[:, :, :3], kv[:, :, :3], cache)
+      >>> out1, cache = step(q[:, :, 3:], kv[:, :, 3:], kv[:, :, 3:], cache)
+      >>> full = attnax.standard_attention(q, kv, kv, score_mod=attnax.causal_mod())
+      >>> bool(jnp.allclose(jnp.concatenate([out3, out1], axis=2), full, atol=1e-5))
+      True
+      >>> cache.length.tolist()
+      [4]
     """
     name = "attend_with_cache"
     _check_window(attention_window, name)

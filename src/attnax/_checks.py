@@ -37,7 +37,20 @@ _enabled_stack: list[bool] = [_env_flag()]
 
 
 def shape_checks_enabled() -> bool:
-    """Whether runtime shape checks are on."""
+    """Whether runtime shape checks are on.
+
+    Returns:
+      True inside ``with shape_checks():``, or with ``ATTNAX_SHAPE_CHECKS=1`` at import.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> with attnax.shape_checks(True):
+      ...     print(attnax.shape_checks_enabled())
+      ...     with attnax.shape_checks(False):
+      ...         print(attnax.shape_checks_enabled())
+      True
+      False
+    """
     return _enabled_stack[-1]
 
 
@@ -47,6 +60,26 @@ def shape_checks(enabled: bool = True) -> Iterator[None]:
 
     Checks happen when a kernel is traced, so a function jitted outside the block keeps the
     behaviour it was traced with.
+
+    Args:
+      enabled: turn checks on (True) or off (False) inside the block; blocks nest.
+
+    Yields:
+      Nothing; the previous setting is restored on exit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> query = jnp.ones((1, 2, 8, 4))
+      >>> key = jnp.ones((1, 2, 8, 3))  # head_dim 3 does not match the query's 4
+      >>> # On: jaxtyping's TypeError naming `key`; off: the kernel's own ValueError.
+      >>> for enabled in (True, False):
+      ...     with attnax.shape_checks(enabled):
+      ...         try:
+      ...             attnax.standard_attention(query, key, key)
+      ...         except (TypeError, ValueError) as error:
+      ...             print(enabled, isinstance(error, TypeError))
+      True True
+      False False
     """
     _enabled_stack.append(enabled)
     try:

@@ -25,16 +25,29 @@ def as_flax_attention_fn(kernel: AttentionFn) -> FlaxAttentionFn:
     batch axes into one, and passes dropout through to the kernel (attention-weight dropout,
     as flax does; the mask is not broadcast across heads).
 
-    Example::
+    Args:
+      kernel: any attnax kernel (:class:`attnax.AttentionFn`).
 
-        flax_layer = nnx.MultiHeadAttention(
-            num_heads=8, in_features=64, decode=False, rngs=nnx.Rngs(0),
-            attention_fn=attnax.as_flax_attention_fn(attnax.memory_efficient_attention),
-        )
+    Returns:
+      A function with flax's ``attention_fn`` signature, returning (batch..., length, heads,
+      head_dim).
 
     Raises:
       NotImplementedError: for ``sow_weights`` (flax passes ``module``): attnax kernels do not
         materialise the attention weights; use flax's own ``dot_product_attention``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> from flax import nnx
+      >>> layer = nnx.MultiHeadAttention(
+      ...     num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0),
+      ...     attention_fn=attnax.as_flax_attention_fn(attnax.memory_efficient_attention))
+      >>> layer(jnp.ones((1, 4, 8))).shape
+      (1, 4, 8)
+      >>> attention_fn = attnax.as_flax_attention_fn(attnax.standard_attention)
+      >>> q = jnp.ones((1, 4, 2, 8))  # flax's (batch, length, heads, head_dim)
+      >>> attention_fn(q, q, q, is_causal=True).shape
+      (1, 4, 2, 8)
     """
 
     def attention_fn(

@@ -185,6 +185,20 @@ class MultiHeadAttention(nnx.Module):
 
     LINEAR and LITE have no per-pair scores: a causal mask mod becomes their causal form, other
     score mods are ignored with a warning.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> from flax import nnx
+      >>> layer = attnax.MultiHeadAttention(
+      ...     nnx.Rngs(0), num_heads=4, in_features=16, num_kv_heads=2, use_rope=True)
+      >>> x = jax.random.normal(jax.random.key(0), (1, 6, 16))
+      >>> @nnx.jit
+      ... def causal_forward(layer, x):
+      ...     return layer(x, score_mod=attnax.causal_mod())
+      >>> causal_forward(layer, x).shape
+      (1, 6, 16)
+      >>> layer.spec.head_dim  # the validated AttentionSpec; from_spec rebuilds the layer
+      4
     """
 
     def __init__(

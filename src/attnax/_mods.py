@@ -515,27 +515,109 @@ class OffsetScoreMod:
 
 
 def causal_mod() -> MaskScoreMod:
-    """Causal masking as a score mod (kernels skip the blocks above the diagonal)."""
+    """Causal masking as a score mod (kernels skip the blocks above the diagonal).
+
+    Returns:
+      A :class:`MaskScoreMod` over ``q_idx >= kv_idx``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> out = attnax.standard_attention(q, q, q, score_mod=attnax.causal_mod())
+      >>> bool(jnp.allclose(out[:, :, 0], q[:, :, 0]))  # the first query sees only itself
+      True
+    """
     return MaskScoreMod(CausalMask())
 
 
 def sliding_window_mod(window_size: int, *, causal: bool = True) -> MaskScoreMod:
-    """Sliding-window masking; see :class:`SlidingWindowMask`."""
+    """Sliding-window masking; see :class:`SlidingWindowMask`.
+
+    Args:
+      window_size: keys closer than this many positions are kept (the query itself counts).
+      causal: keep only keys at or before the query.
+
+    Returns:
+      A :class:`MaskScoreMod` over a :class:`SlidingWindowMask`.
+
+    Raises:
+      ValueError: when ``window_size`` is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mask_mod, _ = attnax.split_score_mod(attnax.sliding_window_mod(2))
+      >>> mask = attnax.mask_mod_to_boolean_mask(mask_mod, batch=1, num_heads=1, seq_q=4, seq_kv=4)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    """
     return MaskScoreMod(SlidingWindowMask(window_size, causal))
 
 
 def alibi_slopes(num_heads: int) -> Float[Array, " H"]:
-    """The ALiBi paper's per-head slopes (geometric; interleaved for non-powers of two)."""
+    """The ALiBi paper's per-head slopes (geometric; interleaved for non-powers of two).
+
+    Args:
+      num_heads: number of query heads.
+
+    Returns:
+      (num_heads,) float32 slopes.
+
+    Raises:
+      ValueError: when ``num_heads`` is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> attnax.alibi_slopes(4).tolist()
+      [0.25, 0.0625, 0.015625, 0.00390625]
+    """
     return AlibiMod(num_heads).slope(jnp.arange(num_heads))
 
 
 def alibi_mod(num_heads: int) -> AlibiMod:
-    """ALiBi position bias; see :class:`AlibiMod`."""
+    """ALiBi position bias; see :class:`AlibiMod`.
+
+    Args:
+      num_heads: number of query heads (the slopes depend on it).
+
+    Returns:
+      An :class:`AlibiMod` (a value mod: it masks nothing).
+
+    Raises:
+      ValueError: when ``num_heads`` is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mod = attnax.alibi_mod(4)
+      >>> scores = jnp.zeros((1, 4, 1, 3))  # query 2 against keys 0, 1, 2
+      >>> b, h = jnp.arange(1).reshape(1, 1, 1, 1), jnp.arange(4).reshape(1, 4, 1, 1)
+      >>> q_idx, kv_idx = jnp.full((1, 1, 1, 1), 2), jnp.arange(3).reshape(1, 1, 1, 3)
+      >>> mod(scores, b, h, q_idx, kv_idx)[0, 0, 0].tolist()  # head 0: slope 1/4
+      [-0.5, -0.25, 0.0]
+    """
     return AlibiMod(num_heads)
 
 
 def prefix_lm_mod(prefix_lengths: Int[Array, " B"]) -> MaskScoreMod:
-    """Prefix-LM masking with one prefix length per batch row."""
+    """Prefix-LM masking with one prefix length per batch row.
+
+    Args:
+      prefix_lengths: (batch,) int; row ``b`` sees its first ``prefix_lengths[b]`` keys from
+        every query, the rest causally.
+
+    Returns:
+      A :class:`MaskScoreMod` over a :class:`PrefixLMMask`.
+
+    Raises:
+      ValueError: when ``prefix_lengths`` is not rank 1.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mod = attnax.prefix_lm_mod(jnp.array([2]))  # the first 2 keys are visible to all
+      >>> mask_mod, _ = attnax.split_score_mod(mod)
+      >>> mask = attnax.mask_mod_to_boolean_mask(mask_mod, batch=1, num_heads=1, seq_q=4, seq_kv=4)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    """
     prefix_lengths = jnp.asarray(prefix_lengths)
     if prefix_lengths.ndim != 1:
         raise ValueError(
@@ -547,7 +629,27 @@ def prefix_lm_mod(prefix_lengths: Int[Array, " B"]) -> MaskScoreMod:
 def document_mask_mod(
     document_ids: Int[Array, "B T"], kv_document_ids: Int[Array, "B S"] | None = None
 ) -> MaskScoreMod:
-    """Packed-sequence masking from (batch, seq) document ids."""
+    """Packed-sequence masking from (batch, seq) document ids.
+
+    Args:
+      document_ids: (batch, seq_q) int document id of every query position.
+      kv_document_ids: (batch, seq_kv) ids of the keys; defaults to ``document_ids``
+        (self-attention).
+
+    Returns:
+      A :class:`MaskScoreMod` over a :class:`DocumentMask`.
+
+    Raises:
+      ValueError: when the ids are not (batch, seq) arrays with one batch size.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mod = attnax.document_mask_mod(jnp.array([[0, 0, 1, 1]]))  # two packed documents
+      >>> mask_mod, _ = attnax.split_score_mod(mod)
+      >>> mask = attnax.mask_mod_to_boolean_mask(mask_mod, batch=1, num_heads=1, seq_q=4, seq_kv=4)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    """
     document_ids = jnp.asarray(document_ids)
     kv_ids = document_ids if kv_document_ids is None else jnp.asarray(kv_document_ids)
     if document_ids.ndim != 2 or kv_ids.ndim != 2 or kv_ids.shape[0] != document_ids.shape[0]:
@@ -559,7 +661,27 @@ def document_mask_mod(
 
 
 def additive_bias_mod(bias: Float[Array, "#B #H #T #S"]) -> AdditiveBiasMod:
-    """Add a (differentiable) bias broadcastable to (batch, heads, seq_q, seq_kv)."""
+    """Add a (differentiable) bias broadcastable to (batch, heads, seq_q, seq_kv).
+
+    Args:
+      bias: float, rank 4, broadcastable to (batch, heads, seq_q, seq_kv).
+
+    Returns:
+      An :class:`AdditiveBiasMod` whose bias is a pytree leaf (it receives gradients).
+
+    Raises:
+      ValueError: when ``bias`` is not rank 4.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 4, 4))
+      >>> bias = jnp.zeros((1, 1, 4, 4))  # shared by the batch and the heads
+      >>> def loss(bias):
+      ...     out = attnax.standard_attention(q, q, q, score_mod=attnax.additive_bias_mod(bias))
+      ...     return jnp.sum(out ** 2)
+      >>> jax.jit(jax.grad(loss))(bias).shape  # the bias is differentiable
+      (1, 1, 4, 4)
+    """
     bias = jnp.asarray(bias)
     if bias.ndim != 4:
         raise ValueError(
@@ -570,12 +692,48 @@ def additive_bias_mod(bias: Float[Array, "#B #H #T #S"]) -> AdditiveBiasMod:
 
 
 def softcap_mod(cap: float) -> SoftcapMod:
-    """Soft-capping ``cap * tanh(s / cap)``."""
+    """Soft-capping ``cap * tanh(s / cap)``.
+
+    Args:
+      cap: the positive, finite bound of the scores.
+
+    Returns:
+      A :class:`SoftcapMod`.
+
+    Raises:
+      ValueError: when ``cap`` is not positive and finite.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mod = attnax.softcap_mod(2.0)
+      >>> index = jnp.zeros((), jnp.int32)
+      >>> capped = mod(jnp.array([0.0, 1.0, 100.0]), index, index, index, index)
+      >>> [round(float(s), 4) for s in capped]
+      [0.0, 0.9242, 2.0]
+    """
     return SoftcapMod(float(cap))
 
 
 def mask_mod_to_score_mod(mask_mod: MaskMod) -> MaskScoreMod:
-    """Turn a mask mod into a masking score mod (kernels can still see the mask)."""
+    """Turn a mask mod into a masking score mod (kernels can still see the mask).
+
+    Args:
+      mask_mod: any :class:`MaskMod`.
+
+    Returns:
+      A :class:`MaskScoreMod` that sets disallowed scores to ``-inf``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> def local(b_idx, h_idx, q_idx, kv_idx):
+      ...     return jnp.abs(q_idx - kv_idx) <= 1
+      >>> score_mod = attnax.mask_mod_to_score_mod(local)
+      >>> attnax.split_score_mod(score_mod)[0] is local  # kernels can still skip blocks
+      True
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> attnax.standard_attention(q, q, q, score_mod=score_mod).shape
+      (1, 2, 8, 4)
+    """
     return MaskScoreMod(mask_mod)
 
 
@@ -583,6 +741,22 @@ def compose_score_mods(*score_mods: ScoreMod | None) -> ScoreMod | None:
     """Compose score mods left to right; ``None`` entries are skipped.
 
     Returns ``None`` when every entry is ``None`` and a single mod unchanged.
+
+    Args:
+      *score_mods: score mods or ``None``, applied in order (mask parts exclude their
+        positions wherever they stand).
+
+    Returns:
+      A :class:`ComposedScoreMod`, the single mod given, or ``None``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mod = attnax.compose_score_mods(attnax.causal_mod(), attnax.softcap_mod(30.0), None)
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> attnax.standard_attention(q, q, q, score_mod=mod).shape
+      (1, 2, 8, 4)
+      >>> attnax.compose_score_mods(None, None) is None
+      True
     """
     present = tuple(m for m in score_mods if m is not None)
     if not present:
@@ -595,7 +769,26 @@ def compose_score_mods(*score_mods: ScoreMod | None) -> ScoreMod | None:
 def shift_positions(
     score_mod: ScoreMod | None, *, q_offset: _Offset = 0, kv_offset: _Offset = 0
 ) -> ScoreMod | None:
-    """Make ``score_mod`` see ``q_idx + q_offset`` and ``kv_idx + kv_offset`` (ints or (B,))."""
+    """Make ``score_mod`` see ``q_idx + q_offset`` and ``kv_idx + kv_offset`` (ints or (B,)).
+
+    Args:
+      score_mod: the mod to shift; ``None`` stays ``None``.
+      q_offset: added to query indices: an int or a (batch,) int array.
+      kv_offset: added to key indices: an int or a (batch,) int array.
+
+    Returns:
+      An :class:`OffsetScoreMod` (its mask part stays visible to :func:`split_score_mod`), or
+      ``None``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> # Two new queries at absolute positions 3 and 4 of a 5-token sequence:
+      >>> mod = attnax.shift_positions(attnax.causal_mod(), q_offset=3)
+      >>> mask_mod, _ = attnax.split_score_mod(mod)
+      >>> mask = attnax.mask_mod_to_boolean_mask(mask_mod, batch=1, num_heads=1, seq_q=2, seq_kv=5)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    """
     if score_mod is None:
         return None
     return OffsetScoreMod(score_mod, q_offset, kv_offset)
@@ -606,6 +799,21 @@ def split_score_mod(score_mod: ScoreMod | None) -> tuple[MaskMod | None, ScoreMo
 
     ``score_mod(s) == where(mask_mod(...), value_mod(s), -inf)`` for built-in mods. A plain
     callable is all value part (kernels then cannot skip blocks, but results are the same).
+
+    Args:
+      score_mod: any score mod, or ``None``.
+
+    Returns:
+      ``(mask_mod, value_mod)``, either ``None`` when that part is absent.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mod = attnax.compose_score_mods(attnax.causal_mod(), attnax.alibi_mod(2))
+      >>> mask_mod, value_mod = attnax.split_score_mod(mod)
+      >>> type(mask_mod).__name__, type(value_mod).__name__
+      ('CausalMask', 'AlibiMod')
+      >>> attnax.split_score_mod(None)
+      (None, None)
     """
     if score_mod is None:
         return None, None
@@ -664,7 +872,32 @@ def _tile_indices(
 def mask_mod_to_boolean_mask(
     mask_mod: MaskMod, *, batch: int, num_heads: int, seq_q: int, seq_kv: int
 ) -> Bool[Array, "B H T S"]:
-    """Evaluate a mask mod densely to a (batch, heads, seq_q, seq_kv) boolean mask."""
+    """Evaluate a mask mod densely to a (batch, heads, seq_q, seq_kv) boolean mask.
+
+    Args:
+      mask_mod: any :class:`MaskMod`.
+      batch: batch size.
+      num_heads: number of heads.
+      seq_q: query length.
+      seq_kv: key length.
+
+    Returns:
+      A (batch, num_heads, seq_q, seq_kv) boolean array; True means attend.
+
+    Raises:
+      ValueError: when a size is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> def same_parity(b_idx, h_idx, q_idx, kv_idx):
+      ...     return (q_idx % 2) == (kv_idx % 2)
+      >>> mask = attnax.mask_mod_to_boolean_mask(
+      ...     same_parity, batch=2, num_heads=1, seq_q=3, seq_kv=3)
+      >>> mask.shape, mask.dtype
+      ((2, 1, 3, 3), dtype('bool'))
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+    """
     for value, name in ((batch, "batch"), (num_heads, "num_heads"), (seq_q, "seq_q"), (seq_kv, "seq_kv")):
         _positive_int(value, name)
     b, h, q, kv = _tile_indices(batch, num_heads, seq_q, seq_kv)
@@ -673,7 +906,25 @@ def mask_mod_to_boolean_mask(
 
 
 def make_causal_mask(seq: int) -> Bool[Array, "1 1 T T"]:
-    """A (1, 1, seq, seq) lower-triangular mask."""
+    """A (1, 1, seq, seq) lower-triangular mask.
+
+    Args:
+      seq: sequence length.
+
+    Returns:
+      (1, 1, seq, seq) boolean, True on and below the diagonal.
+
+    Raises:
+      ValueError: when ``seq`` is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mask = attnax.make_causal_mask(3)
+      >>> mask.shape
+      (1, 1, 3, 3)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
     _positive_int(seq, "seq")
     return mask_mod_to_boolean_mask(CausalMask(), batch=1, num_heads=1, seq_q=seq, seq_kv=seq)
 
@@ -681,7 +932,25 @@ def make_causal_mask(seq: int) -> Bool[Array, "1 1 T T"]:
 def make_sliding_window_mask(
     seq: int, *, window_size: int, causal: bool = True
 ) -> Bool[Array, "1 1 T T"]:
-    """A (1, 1, seq, seq) sliding-window mask; see :class:`SlidingWindowMask`."""
+    """A (1, 1, seq, seq) sliding-window mask; see :class:`SlidingWindowMask`.
+
+    Args:
+      seq: sequence length.
+      window_size: keys closer than this many positions are kept (the query itself counts).
+      causal: keep only keys at or before the query.
+
+    Returns:
+      (1, 1, seq, seq) boolean; True means attend.
+
+    Raises:
+      ValueError: when ``seq`` or ``window_size`` is not a positive int.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mask = attnax.make_sliding_window_mask(4, window_size=2, causal=False)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]
+    """
     _positive_int(seq, "seq")
     return mask_mod_to_boolean_mask(
         SlidingWindowMask(window_size, causal), batch=1, num_heads=1, seq_q=seq, seq_kv=seq
@@ -689,7 +958,26 @@ def make_sliding_window_mask(
 
 
 def make_padding_mask(ids: Int[Array, "B S"], pad_token_id: int) -> Bool[Array, "B 1 1 S"]:
-    """Key-padding mask (batch, 1, 1, seq): False where ``ids == pad_token_id``."""
+    """Key-padding mask (batch, 1, 1, seq): False where ``ids == pad_token_id``.
+
+    Args:
+      ids: (batch, seq) token ids.
+      pad_token_id: the id of padding tokens.
+
+    Returns:
+      (batch, 1, 1, seq) boolean, False at padding keys.
+
+    Raises:
+      ValueError: when ``ids`` is not rank 2.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mask = attnax.make_padding_mask(jnp.array([[5, 7, 0, 0]]), pad_token_id=0)
+      >>> mask.shape
+      (1, 1, 1, 4)
+      >>> mask[0, 0, 0].tolist()
+      [True, True, False, False]
+    """
     ids = jnp.asarray(ids)
     if ids.ndim != 2:
         raise ValueError(f"`ids` must have shape (batch, seq), got {ids.shape}.")
@@ -697,7 +985,25 @@ def make_padding_mask(ids: Int[Array, "B S"], pad_token_id: int) -> Bool[Array, 
 
 
 def make_document_mask(document_ids: Int[Array, "B T"]) -> Bool[Array, "B 1 T T"]:
-    """Block-diagonal mask (batch, 1, seq, seq) from packed-sequence document ids."""
+    """Block-diagonal mask (batch, 1, seq, seq) from packed-sequence document ids.
+
+    Args:
+      document_ids: (batch, seq) int document id of every position.
+
+    Returns:
+      (batch, 1, seq, seq) boolean, True where query and key share a document.
+
+    Raises:
+      ValueError: when ``document_ids`` is not rank 2.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> mask = attnax.make_document_mask(jnp.array([[0, 0, 1]]))
+      >>> mask.shape
+      (1, 1, 3, 3)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    """
     document_ids = jnp.asarray(document_ids)
     if document_ids.ndim != 2:
         raise ValueError(f"`document_ids` must have shape (batch, seq), got {document_ids.shape}.")
@@ -705,7 +1011,26 @@ def make_document_mask(document_ids: Int[Array, "B T"]) -> Bool[Array, "B 1 T T"
 
 
 def combine_masks(*masks: AttentionMask | None) -> AttentionMask | None:
-    """Logical AND of broadcastable boolean masks; ``None`` entries are skipped."""
+    """Logical AND of broadcastable boolean masks; ``None`` entries are skipped.
+
+    Args:
+      *masks: rank-4 boolean masks or ``None``.
+
+    Returns:
+      Their broadcast AND, or ``None`` when every entry is ``None``.
+
+    Raises:
+      ValueError: when a mask is not rank 4.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> padding = attnax.make_padding_mask(jnp.array([[3, 4, 0]]), pad_token_id=0)
+      >>> mask = attnax.combine_masks(attnax.make_causal_mask(3), padding, None)
+      >>> mask[0, 0].astype(int).tolist()
+      [[1, 0, 0], [1, 1, 0], [1, 1, 0]]
+      >>> attnax.combine_masks(None) is None
+      True
+    """
     present = [jnp.asarray(m, dtype=bool) for m in masks if m is not None]
     if not present:
         return None

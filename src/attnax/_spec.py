@@ -29,7 +29,23 @@ __all__ = ["AttentionSpec", "AttentionType"]
 
 
 class AttentionType(str, enum.Enum):
-    """The built-in attention backends a layer can use."""
+    """The built-in attention backends a layer can use.
+
+    Attributes:
+      STANDARD: :func:`attnax.standard_attention`, the dense reference.
+      MEMORY_EFFICIENT: :func:`attnax.memory_efficient_attention`, tiled, O(T * D) memory.
+      FLASH: :func:`attnax.flash_attention` (cuDNN or Pallas on GPU, else memory-efficient).
+      PALLAS_FLASH: :func:`attnax.pallas_flash_attention`.
+      LINEAR: :func:`attnax.linear_attention` (no per-pair scores).
+      LITE: :func:`attnax.lite_attention` (no per-pair scores).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> attnax.AttentionType("flash") is attnax.AttentionType.FLASH
+      True
+      >>> [member.value for member in attnax.AttentionType]
+      ['standard', 'memory_efficient', 'flash', 'pallas_flash', 'linear', 'lite']
+    """
 
     STANDARD = "standard"
     MEMORY_EFFICIENT = "memory_efficient"
@@ -88,6 +104,23 @@ class AttentionSpec(BaseModel, frozen=True, extra="forbid"):
     """Everything that defines a :class:`attnax.MultiHeadAttention` layer.
 
     Fields mirror the layer's constructor; see its docstring for their meaning.
+
+    Raises:
+      ValueError: a pydantic ``ValidationError`` naming the offending field and the fix (for
+        example ``num_heads`` that does not divide ``qkv_features``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> spec = attnax.AttentionSpec(num_heads=4, in_features=32, num_kv_heads=2)
+      >>> spec.head_dim, spec.kv_features
+      (8, 16)
+      >>> spec == attnax.AttentionSpec.model_validate_json(spec.model_dump_json())
+      True
+      >>> try:
+      ...     attnax.AttentionSpec(num_heads=3, in_features=32)  # 32 features do not split in 3
+      ... except ValueError as error:
+      ...     print(type(error).__name__)
+      ValidationError
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -237,7 +270,6 @@ class AttentionSpec(BaseModel, frozen=True, extra="forbid"):
                 "AttentionSpec holds a Python callable (attention_fn or score_mod), which JSON "
                 "cannot represent; dump a spec without callables and set them in Python."
             )
-        return None
 
     @property
     def uses_custom_attention(self) -> bool:

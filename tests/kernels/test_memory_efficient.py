@@ -291,3 +291,41 @@ def test_bad_arguments() -> None:
         memory_efficient_attention(query, key, value, dropout_rate=0.1, deterministic=False)
     with pytest.raises((ValueError, TypeError), match="key"):
         memory_efficient_attention(query, key[:, :3], value[:, :3])
+
+
+def test_inside_shard_map_data_parallel_and_one_device_ring() -> None:
+    """Loop carries keep the inputs' manual-axis type: no switch/fori type errors in shard_map."""
+    import functools
+
+    from jax.sharding import Mesh, PartitionSpec
+
+    import attnax
+
+    query, key, value = random_qkv(31, batch=2, num_heads=2, seq_q=16)
+    causal = attnax.causal_mod()
+    expected = attnax.standard_attention(query, key, value, score_mod=causal)
+    batch_spec = PartitionSpec("data")  # type: ignore[no-untyped-call]
+    seq_spec = PartitionSpec(None, None, "seq", None)  # type: ignore[no-untyped-call]
+
+    def data_parallel(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        mapped = jax.shard_map(
+            lambda q, k, v: memory_efficient_attention(q, k, v, score_mod=causal, block_size=8),
+            mesh=Mesh(np.array(jax.devices()[:2]), ("data",)),
+            in_specs=batch_spec,
+            out_specs=batch_spec,
+        )
+        out: jax.Array = mapped(q, k, v)  # type: ignore[no-untyped-call]
+        return out
+
+    assert relative_error(data_parallel(query, key, value), expected) < 1e-5
+    grad = jax.grad(lambda q: data_parallel(q, key, value).sum())(query)
+    want = jax.grad(lambda q: attnax.standard_attention(q, key, value, score_mod=causal).sum())(query)
+    assert relative_error(grad, want) < 1e-5
+
+    ring = jax.shard_map(
+        functools.partial(attnax.ring_attention, axis_name="seq", score_mod=causal),
+        mesh=Mesh(np.array(jax.devices()[:1]), ("seq",)),
+        in_specs=seq_spec,
+        out_specs=seq_spec,
+    )
+    assert relative_error(ring(query, key, value), expected) < 1e-5

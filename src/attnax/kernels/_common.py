@@ -1,6 +1,7 @@
 """Pieces every softmax kernel shares: argument checks, scale, masked scores, safe softmax."""
 
 import math
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ __all__ = [
     "default_scale",
     "safe_normaliser",
     "safe_row_max",
+    "vary_like",
+    "varying_axes",
 ]
 
 
@@ -127,3 +130,37 @@ def safe_row_max(scores: Float[Array, "*rows S"]) -> Float[Array, "*rows 1"]:
 def safe_normaliser(denominator: Float[Array, "*rows"]) -> Float[Array, "*rows"]:
     """A softmax denominator with empty rows mapped to 1, so their output is exactly zero."""
     return jnp.where(denominator > 0.0, denominator, 1.0)
+
+
+def varying_axes(*arrays: Array) -> frozenset[Hashable]:
+    """The mesh axes any of ``arrays`` varies over inside ``shard_map`` (empty outside it)."""
+    axes: set[Hashable] = set()
+    for array in arrays:
+        aval = jax.typeof(array)
+        vma = getattr(aval, "vma", None)  # the attribute's name on most JAX releases
+        if vma is None:
+            manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10's spelling
+            vma = () if manual is None else manual.varying
+        axes.update(vma)
+    return frozenset(axes)
+
+
+def vary_like(array: Array, axes: frozenset[Hashable]) -> Array:
+    """Mark a freshly built ``array`` (a loop's initial carry) as varying over ``axes``.
+
+    Inside ``shard_map`` a ``fori_loop``/``switch`` carry must keep one manual-axis type: zeros
+    built with ``jnp.zeros`` are invariant while tiles computed from sharded inputs vary, so the
+    initial carry is cast to the inputs' varying axes. A no-op outside ``shard_map``.
+    """
+    missing = tuple(axes - varying_axes(array))
+    if not missing:
+        return array
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is not None:
+        cast: Array = pcast(array, missing, to="varying")
+        return cast
+    pvary = getattr(jax.lax, "pvary", None)  # the older spelling
+    if pvary is not None:
+        cast = pvary(array, missing)
+        return cast
+    return array

@@ -637,6 +637,19 @@ def decode_attention(
     Raises:
       ValueError: for shapes or arguments that do not fit together.
       NotImplementedError: for ``use_pallas=True`` with a configuration Pallas cannot run.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> keys = jax.random.normal(jax.random.key(0), (2, 1, 16, 4))  # capacity 16, one KV head
+      >>> values = jax.random.normal(jax.random.key(1), (2, 1, 16, 4))
+      >>> query = jax.random.normal(jax.random.key(2), (2, 2, 1, 4))  # one new token per row
+      >>> lengths = jnp.array([5, 9])  # rows hold 5 and 9 tokens (the new one included)
+      >>> out = jax.jit(attnax.decode_attention)(query, keys, values, lengths)
+      >>> out.shape
+      (2, 2, 1, 4)
+      >>> ref = attnax.standard_attention(query[:1], keys[:1, :, :5], values[:1, :, :5])
+      >>> bool(jnp.allclose(out[:1], ref, atol=1e-5))
+      True
     """
     name = "decode_attention"
     if keys.ndim != 4 or keys.shape != values.shape:

@@ -358,6 +358,15 @@ def flash_attention(
     Raises:
       ValueError: for shapes that do not fit together or bad dropout/block arguments.
       NotImplementedError: dropout on the cuDNN path.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 2, 8, 4))
+      >>> out = attnax.flash_attention(q, kv, kv, score_mod=attnax.causal_mod())
+      >>> ref = attnax.standard_attention(q, kv, kv, score_mod=attnax.causal_mod())
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((1, 2, 8, 4), True)
     """
     name = "flash_attention"
     check_qkv(query, key, value, name=name)

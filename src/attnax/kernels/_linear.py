@@ -216,6 +216,17 @@ def linear_attention(
         ``chunk_size`` (pad the sequence, as the layer does).
       NotImplementedError: for a ``score_mod``, active dropout, a mask that is not a
         key-padding mask, or causal attention with seq_q != seq_kv.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 2, 8, 4))
+      >>> out = attnax.linear_attention(q, kv, kv, causal=True, chunk_size=4)
+      >>> out.shape
+      (1, 2, 8, 4)
+      >>> # The first query sees only the first key: its output is that key's value.
+      >>> bool(jnp.allclose(out[:, :, 0], kv[:, :, 0], atol=1e-5))
+      True
     """
     name = "linear_attention"
     check_qkv(query, key, value, name=name)

@@ -169,6 +169,17 @@ def lite_attention(
       ValueError: for shapes that do not fit, a bad mask or bad dropout arguments.
       NotImplementedError: for a ``score_mod``, active dropout, a mask that is not a
         key-padding mask, or causal attention with seq_q != seq_kv.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 2, 8, 4))
+      >>> out = attnax.lite_attention(q, kv, kv, causal=True)
+      >>> out.shape
+      (1, 2, 8, 4)
+      >>> # The first position sees only itself: sigmoid(gate) * value.
+      >>> bool(jnp.allclose(out[:, :, 0], jax.nn.sigmoid(q[:, :, 0]) * kv[:, :, 0], atol=1e-5))
+      True
     """
     name = "lite_attention"
     check_qkv(query, key, value, name=name)

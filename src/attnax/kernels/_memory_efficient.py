@@ -47,6 +47,8 @@ from ._common import (
     check_mask,
     check_qkv,
     default_scale,
+    vary_like,
+    varying_axes,
 )
 
 __all__ = ["memory_efficient_attention"]
@@ -311,6 +313,7 @@ def _forward(
     value_mod = config.value_mod.rebuild(value_leaves) if config.has_value_mod else None
     kv_first, kv_last = _visit_range(classes != BLOCK_EMPTY)
     row_shape = (batch, num_kv_heads, group, config.block_q)
+    axes = varying_axes(query, key, value, *value_leaves)
 
     def query_block(
         i: jax.Array, carry: tuple[jax.Array, jax.Array]
@@ -369,9 +372,9 @@ def _forward(
             return new_state
 
         init = (
-            jnp.full(row_shape, -jnp.inf, acc),
-            jnp.zeros(row_shape, acc),
-            jnp.zeros((*row_shape, head_dim), acc),
+            vary_like(jnp.full(row_shape, -jnp.inf, acc), axes),
+            vary_like(jnp.zeros(row_shape, acc), axes),
+            vary_like(jnp.zeros((*row_shape, head_dim), acc), axes),
         )
         row_max, denominator, accumulator = jax.lax.fori_loop(
             kv_first[i], kv_last[i], kv_block, init
@@ -386,8 +389,8 @@ def _forward(
         lse_all = jax.lax.dynamic_update_slice_in_dim(lse_all, lse_tile, i * config.block_q, 3)
         return out_all, lse_all
 
-    init_out = jnp.zeros((batch, num_kv_heads, group, padded_q, head_dim), acc)
-    init_lse = jnp.zeros((batch, num_kv_heads, group, padded_q), acc)
+    init_out = vary_like(jnp.zeros((batch, num_kv_heads, group, padded_q, head_dim), acc), axes)
+    init_lse = vary_like(jnp.zeros((batch, num_kv_heads, group, padded_q), acc), axes)
     out_lse: tuple[jax.Array, jax.Array] = jax.lax.fori_loop(
         0, config.num_q_blocks, query_block, (init_out, init_lse)
     )
@@ -416,6 +419,7 @@ def _backward(
     delta = jnp.sum(grad_out.astype(acc) * out.astype(acc), axis=-1)
     diff_flags = tuple(_is_float(leaf) for leaf in value_leaves)
     q_first, q_last = _visit_range((classes != BLOCK_EMPTY).T)
+    axes = varying_axes(query, key, value, grad_out, *value_leaves)
 
     def value_mod_of(float_leaves: tuple[jax.Array, ...]) -> Any:
         float_iter = iter(float_leaves)
@@ -518,8 +522,8 @@ def _backward(
         tile_shape = (batch, num_kv_heads, config.block_kv, head_dim)
         init: State = (
             grad_query,
-            jnp.zeros(tile_shape, acc),
-            jnp.zeros(tile_shape, acc),
+            vary_like(jnp.zeros(tile_shape, acc), axes),
+            vary_like(jnp.zeros(tile_shape, acc), axes),
             grad_leaves,
         )
         grad_query, dk_tile, dv_tile, grad_leaves = jax.lax.fori_loop(
@@ -531,11 +535,11 @@ def _backward(
         return grad_query, grad_key, grad_value, grad_leaves
 
     init = (
-        jnp.zeros(query.shape, acc),
-        jnp.zeros(key.shape, acc),
-        jnp.zeros(value.shape, acc),
+        vary_like(jnp.zeros(query.shape, acc), axes),
+        vary_like(jnp.zeros(key.shape, acc), axes),
+        vary_like(jnp.zeros(value.shape, acc), axes),
         tuple(
-            jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32))
+            vary_like(jnp.zeros(leaf.shape, jnp.promote_types(leaf.dtype, jnp.float32)), axes)
             for leaf in float_leaves
         ),
     )
@@ -687,6 +691,16 @@ def memory_efficient_attention(
     Raises:
       ValueError: for shapes that do not fit together, bad dropout arguments or a
         non-positive ``block_size``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 2, 8, 4))
+      >>> out = attnax.memory_efficient_attention(
+      ...     q, kv, kv, score_mod=attnax.causal_mod(), block_size=4)  # 2 x 2 tiles
+      >>> ref = attnax.standard_attention(q, kv, kv, score_mod=attnax.causal_mod())
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((1, 2, 8, 4), True)
     """
     check_qkv(query, key, value, name=_NAME)
     check_mask(mask, query, key, name=_NAME)

@@ -321,6 +321,20 @@ def paged_decode_attention(
     Raises:
       ValueError: for arguments that do not fit together.
       NotImplementedError: for ``use_pallas=True`` with a configuration Pallas cannot run.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> key_pool = jax.random.normal(jax.random.key(0), (4, 2, 1, 4))  # 4 blocks of 2 tokens
+      >>> value_pool = jax.random.normal(jax.random.key(1), (4, 2, 1, 4))
+      >>> block_table = jnp.array([[3, 1, -1]])  # the row's tokens live in blocks 3 then 1
+      >>> query = jax.random.normal(jax.random.key(2), (1, 2, 1, 4))
+      >>> out = jax.jit(attnax.paged_decode_attention)(
+      ...     query, key_pool, value_pool, block_table, jnp.array([3]))
+      >>> keys = jnp.concatenate([key_pool[3], key_pool[1]])[:3].transpose(1, 0, 2)[None]
+      >>> values = jnp.concatenate([value_pool[3], value_pool[1]])[:3].transpose(1, 0, 2)[None]
+      >>> ref = attnax.standard_attention(query, keys, values)
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((1, 2, 1, 4), True)
     """
     if shape_checks_enabled():
         return _checked_paged_decode_attention(

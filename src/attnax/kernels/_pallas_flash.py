@@ -971,6 +971,16 @@ def pallas_flash_attention(
     Raises:
       ValueError: for shapes that do not fit together or bad block sizes.
       NotImplementedError: for active dropout, or a mod that holds arrays the kernel cannot tile.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 16, 16))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 2, 16, 16))
+      >>> out = attnax.pallas_flash_attention(  # interpret=True runs the kernel on any backend
+      ...     q, kv, kv, score_mod=attnax.causal_mod(), block_q=16, block_kv=16, interpret=True)
+      >>> ref = attnax.standard_attention(q, kv, kv, score_mod=attnax.causal_mod())
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((1, 2, 16, 16), True)
     """
     check_qkv(query, key, value, name=_NAME)
     check_mask(mask, query, key, name=_NAME)

@@ -127,6 +127,15 @@ def to_ring_layout(
 
     Raises:
       ValueError: for an unknown layout or a length the layout cannot split evenly.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> x = jnp.arange(8).reshape(1, 1, 8, 1)
+      >>> zigzag = attnax.to_ring_layout(x, num_shards=2, layout="zigzag")
+      >>> zigzag[0, 0, :, 0].tolist()  # device 0 gets chunks 0 and 3, device 1 chunks 1 and 2
+      [0, 1, 6, 7, 2, 3, 4, 5]
+      >>> attnax.to_ring_layout(x, num_shards=2, layout="striped")[0, 0, :, 0].tolist()
+      [0, 2, 4, 6, 1, 3, 5, 7]
     """
     name = "to_ring_layout"
     _check_layout(layout, name=name)
@@ -140,7 +149,27 @@ def to_ring_layout(
 def from_ring_layout(
     x: Array, num_shards: int, layout: RingLayout = "contiguous", axis: int = 2
 ) -> Array:
-    """Undo :func:`to_ring_layout`: put a sequence in ring order back into global order."""
+    """Undo :func:`to_ring_layout`: put a sequence in ring order back into global order.
+
+    Args:
+      x: an array whose sequence axis is in ``layout`` order.
+      num_shards: size of the mesh axis the sequence was sharded over.
+      layout: "contiguous" (identity), "zigzag" or "striped".
+      axis: the sequence axis.
+
+    Returns:
+      ``x`` with its sequence axis in global order.
+
+    Raises:
+      ValueError: for an unknown layout or a length the layout cannot split evenly.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> x = jnp.arange(8).reshape(1, 1, 8, 1)
+      >>> ring = attnax.to_ring_layout(x, num_shards=2, layout="zigzag")
+      >>> bool(jnp.array_equal(attnax.from_ring_layout(ring, num_shards=2, layout="zigzag"), x))
+      True
+    """
     name = "from_ring_layout"
     _check_layout(layout, name=name)
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
@@ -925,6 +954,22 @@ def ring_attention(
       ValueError: bad shapes, dropout arguments, layout or block size; a zigzag shard of odd
         length.
       NotImplementedError: active dropout or a dense query-dependent mask in the ring.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> from jax.sharding import Mesh, PartitionSpec
+      >>> mesh = Mesh(jax.devices()[:2], ("seq",))  # needs 2 devices
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 2, 8, 4))
+      >>> spec = PartitionSpec(None, None, "seq", None)  # shard the sequence axis
+      >>> ring = jax.jit(jax.shard_map(
+      ...     lambda q, k, v: attnax.ring_attention(
+      ...         q, k, v, axis_name="seq", score_mod=attnax.causal_mod()),
+      ...     mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))
+      >>> out = ring(q, kv, kv)  # contiguous layout: no reordering needed
+      >>> ref = attnax.standard_attention(q, kv, kv, score_mod=attnax.causal_mod())
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((1, 2, 8, 4), True)
     """
     name = "ring_attention"
     check_qkv(query, key, value, name=name)
@@ -1003,8 +1048,35 @@ def ring_attention_reference(
     ``precision=HIGHEST`` and returns this device's rows. Memory is ``O(T * S)``: a reference,
     not a kernel. ``block_size`` is accepted for signature parity and ignored.
 
+    Args:
+      query: local shard (batch, heads, seq_q / P, head_dim), or the whole query outside
+        ``shard_map``.
+      key: local shard (batch, kv_heads, seq_kv / P, head_dim).
+      value: like ``key``.
+      axis_name: the mesh axis the sequence is sharded over.
+      mask: a key-padding mask sharded like the keys, as in :func:`ring_attention`.
+      score_mod: applied with global positions.
+      dropout_rng: dropout key (local path only).
+      dropout_rate: dropout probability (local path only).
+      deterministic: no dropout when True.
+      layout: the shards' order, as in :func:`ring_attention`.
+      block_size: ignored.
+      scale: score scale, ``1 / sqrt(head_dim)`` by default.
+
+    Returns:
+      (batch, heads, seq_q / P, head_dim): this device's output rows.
+
     Raises:
       ValueError, NotImplementedError: as :func:`ring_attention`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> # Outside shard_map it is standard attention on the arrays given:
+      >>> out = attnax.ring_attention_reference(q, q, q, score_mod=attnax.causal_mod())
+      >>> ref = attnax.standard_attention(q, q, q, score_mod=attnax.causal_mod())
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((1, 2, 8, 4), True)
     """
     name = "ring_attention_reference"
     check_qkv(query, key, value, name=name)
@@ -1071,9 +1143,42 @@ def sharded_ring_attention(
     runs the ring and restores the global order. ``mask`` must be a key-padding mask
     (batch, 1, 1, seq_kv) or None. ``score_mod`` arrays are replicated.
 
+    Args:
+      query: (batch, heads, seq_q, head_dim) in global order.
+      key: (batch, kv_heads, seq_kv, head_dim); ``kv_heads`` divides ``heads``.
+      value: like ``key``.
+      mesh: the device mesh.
+      axis_name: the mesh axis to shard the sequence over.
+      mask: a key-padding mask (batch, 1, 1, seq_kv), or None.
+      score_mod: applied with global positions (masking mods also skip work).
+      layout: "contiguous", "zigzag" or "striped" (see :func:`to_ring_layout`).
+      block_size: tile size of the per-device blockwise compute.
+      scale: score scale, ``1 / sqrt(head_dim)`` by default.
+      batch_axis: optional mesh axis to shard the batch over.
+
+    Returns:
+      (batch, heads, seq_q, head_dim) in global order and the query's dtype.
+
     Raises:
       ValueError: when the mesh axis size does not divide the sequence lengths (zigzag: twice
         the axis size), or ``axis_name`` is not an axis of ``mesh``.
+      NotImplementedError: for a ``mask`` that is not a key-padding mask.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> from jax.sharding import Mesh
+      >>> mesh = Mesh(jax.devices()[:2], ("seq",))  # needs 2 devices
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 2, 8, 4))
+      >>> @jax.jit
+      ... def zigzag_causal(q, k, v):
+      ...     return attnax.sharded_ring_attention(
+      ...         q, k, v, mesh=mesh, axis_name="seq", layout="zigzag",
+      ...         score_mod=attnax.causal_mod())
+      >>> out = zigzag_causal(q, kv, kv)
+      >>> ref = attnax.standard_attention(q, kv, kv, score_mod=attnax.causal_mod())
+      >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
+      ((1, 2, 8, 4), True)
     """
     name = "sharded_ring_attention"
     if axis_name not in mesh.shape:

@@ -68,6 +68,17 @@ def standard_attention(
 
     Raises:
       ValueError: for shapes that do not fit together or bad dropout arguments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, attnax
+      >>> q = jax.random.normal(jax.random.key(0), (1, 2, 8, 4))
+      >>> kv = jax.random.normal(jax.random.key(1), (1, 1, 8, 4))  # MQA: one key/value head
+      >>> out = attnax.standard_attention(q, kv, kv, mask=attnax.make_causal_mask(8))
+      >>> out.shape, out.dtype
+      ((1, 2, 8, 4), dtype('float32'))
+      >>> no_key = jnp.zeros((1, 1, 8, 8), bool)
+      >>> bool(jnp.all(attnax.standard_attention(q, kv, kv, mask=no_key) == 0))  # no NaN
+      True
     """
     name = "standard_attention"
     check_qkv(query, key, value, name=name)
