@@ -1,5 +1,7 @@
 """attnax kernels inside flax.nnx.MultiHeadAttention, against flax's own attention."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -54,3 +56,16 @@ def test_sow_weights_is_refused() -> None:
     q = jnp.ones((1, 2, 1, 4))
     with pytest.raises(NotImplementedError, match="sow_weights"):
         fn(q, q, q, module=object())
+
+
+def test_state_round_trips_through_orbax_when_installed(tmp_path: pathlib.Path) -> None:
+    ocp = pytest.importorskip("orbax.checkpoint")
+    layer = attnax.MultiHeadAttention(nnx.Rngs(0), num_heads=4, in_features=16, num_kv_heads=2, use_rope=True)
+    other = attnax.MultiHeadAttention(nnx.Rngs(1), num_heads=4, in_features=16, num_kv_heads=2, use_rope=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "layer", nnx.state(layer))
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "layer", nnx.state(other))
+    nnx.update(other, restored)
+    x = jax.random.normal(jax.random.key(5), (1, 6, 16))
+    assert bool(jnp.all(other(x) == layer(x)))

@@ -20,6 +20,12 @@ from ._mods import CausalMask, MaskScoreMod, SlidingWindowMask, compose_score_mo
 from ._rope import apply_rope, rope_table
 from ._spec import AttentionSpec, AttentionType
 from ._typing import AttentionFn, AttentionMask, ScoreMod
+from .kernels._flash import flash_attention_bthd
+from .kernels._linear import linear_attention
+from .kernels._lite import lite_attention
+from .kernels._memory_efficient import memory_efficient_attention
+from .kernels._pallas_flash import pallas_flash_attention
+from .kernels._standard import standard_attention
 
 __all__ = ["MultiHeadAttention", "RotaryTable"]
 
@@ -49,28 +55,20 @@ def _bhtd(kernel: AttentionFn) -> _BTHDKernel:
 
 
 def _standard(spec: AttentionSpec) -> _BTHDKernel:
-    from .kernels._standard import standard_attention
-
     return _bhtd(standard_attention)
 
 
 def _memory_efficient(spec: AttentionSpec) -> _BTHDKernel:
-    from .kernels._memory_efficient import memory_efficient_attention
-
     return _bhtd(
         functools.partial(memory_efficient_attention, block_size=spec.attention_block_size)
     )
 
 
 def _flash(spec: AttentionSpec) -> _BTHDKernel:
-    from .kernels._flash import flash_attention_bthd
-
     return functools.partial(flash_attention_bthd, block_size=spec.attention_block_size)
 
 
 def _pallas_flash(spec: AttentionSpec) -> _BTHDKernel:
-    from .kernels._pallas_flash import pallas_flash_attention
-
     # Triton tiles want powers of two with at least 16 rows per dot; larger than 128 spills.
     block = 1 << (spec.attention_block_size.bit_length() - 1)
     block = max(16, min(block, 128))
@@ -78,8 +76,6 @@ def _pallas_flash(spec: AttentionSpec) -> _BTHDKernel:
 
 
 def _linear(spec: AttentionSpec) -> _BTHDKernel:
-    from .kernels._linear import linear_attention
-
     chunk = spec.linear_attention_chunk_size
 
     def run(query: Array, key: Array, value: Array, *, mask: AttentionMask | None = None,
@@ -102,8 +98,6 @@ def _linear(spec: AttentionSpec) -> _BTHDKernel:
 
 
 def _lite(spec: AttentionSpec) -> _BTHDKernel:
-    from .kernels._lite import lite_attention
-
     def run(query: Array, key: Array, value: Array, *, score_mod: ScoreMod | None = None,
             gate: Array | None = None, **kwargs: Any) -> Array:
         causal = _linear_causality(score_mod, "lite")
