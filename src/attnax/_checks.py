@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 import beartype
 import jaxtyping
@@ -98,7 +98,7 @@ def check_head_grouping(query_heads: int, kv_heads: int, *, argument: str = "key
         )
 
 
-def _grouping_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _grouping_of(args: tuple[Any, ...], kwargs: dict[str, Any], head_axis: int) -> None:
     query = kwargs.get("query", args[0] if len(args) > 0 else None)
     key = kwargs.get("key", args[1] if len(args) > 1 else None)
     value = kwargs.get("value", args[2] if len(args) > 2 else None)
@@ -107,22 +107,45 @@ def _grouping_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         return  # jaxtyping reports rank errors with the argument's name.
     q_shape, k_shape, v_shape = shapes
     assert q_shape is not None and k_shape is not None and v_shape is not None
-    check_head_grouping(q_shape[1], k_shape[1], argument="key")
-    check_head_grouping(q_shape[1], v_shape[1], argument="value")
+    check_head_grouping(q_shape[head_axis], k_shape[head_axis], argument="key")
+    check_head_grouping(q_shape[head_axis], v_shape[head_axis], argument="value")
 
 
-def shape_checked(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """Decorate a kernel so that its jaxtyping annotations are enforced while checks are on."""
-    checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(fn)
+@overload
+def shape_checked(fn: Callable[_P, _R], /) -> Callable[_P, _R]: ...
 
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        if not _enabled_stack[-1]:
-            return fn(*args, **kwargs)
-        _grouping_of(args, kwargs)
-        return checked(*args, **kwargs)
 
-    return wrapper
+@overload
+def shape_checked(
+    *, head_axis: int | None = 1
+) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]: ...
+
+
+def shape_checked(
+    fn: Callable[_P, _R] | None = None, /, *, head_axis: int | None = 1
+) -> Callable[_P, _R] | Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorate a kernel so that its jaxtyping annotations are enforced while checks are on.
+
+    Besides the annotations, the head count of ``key`` and ``value`` (arguments 2 and 3) must
+    divide the query's along ``head_axis`` (1 for (B, H, T, D), 2 for (B, T, H, D)); kernels
+    whose second and third arguments are not key and value (a paged pool) pass ``None``.
+    The jaxtyping wrapper is built once, at decoration, so a checked call costs no rebuild.
+    """
+
+    def decorate(kernel: Callable[_P, _R]) -> Callable[_P, _R]:
+        checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(kernel)
+
+        @functools.wraps(kernel)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            if not _enabled_stack[-1]:
+                return kernel(*args, **kwargs)
+            if head_axis is not None:
+                _grouping_of(args, kwargs, head_axis)
+            return checked(*args, **kwargs)
+
+        return wrapper
+
+    return decorate if fn is None else decorate(fn)
 
 
 def check_attention_output(output: Any, query: Any, *, source: str) -> None:

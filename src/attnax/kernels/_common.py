@@ -2,6 +2,7 @@
 
 import math
 from collections.abc import Hashable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +23,30 @@ __all__ = [
 ]
 
 
-def check_qkv(query: Array, key: Array, value: Array, *, name: str) -> None:
+Layout = Literal["bhtd", "bthd"]
+
+_LAYOUT_NAMES = {"bhtd": "(batch, heads, seq, head_dim)", "bthd": "(batch, seq, heads, head_dim)"}
+
+
+def _axes(layout: Layout) -> tuple[int, int]:
+    """(heads axis, sequence axis) of a rank-4 array in ``layout``."""
+    return (1, 2) if layout == "bhtd" else (2, 1)
+
+
+def check_qkv(
+    query: Array, key: Array, value: Array, *, name: str, layout: Layout = "bhtd"
+) -> None:
     """Validate ranks, head grouping and head_dim with errors that name the argument.
 
     These checks are free (static shapes) and always on: a wrong layout must never produce a
-    silent wrong answer, whether or not jaxtyping checks are enabled.
+    silent wrong answer, whether or not jaxtyping checks are enabled. ``layout`` says where the
+    heads axis is ("bthd" is cuDNN's order, used by ``flash_attention_bthd``).
     """
+    heads_axis, _ = _axes(layout)
     for arg, array in (("query", query), ("key", key), ("value", value)):
         if array.ndim != 4:
             raise ValueError(
-                f"{name}: `{arg}` must have rank 4 (batch, heads, seq, head_dim), got shape "
+                f"{name}: `{arg}` must have rank 4 {_LAYOUT_NAMES[layout]}, got shape "
                 f"{array.shape}."
             )
     if key.shape != value.shape:
@@ -47,22 +62,26 @@ def check_qkv(query: Array, key: Array, value: Array, *, name: str) -> None:
             f"{name}: `query` head_dim {query.shape[-1]} differs from `key` head_dim "
             f"{key.shape[-1]}."
         )
-    if query.shape[1] % key.shape[1] != 0:
+    if query.shape[heads_axis] % key.shape[heads_axis] != 0:
         raise ValueError(
-            f"{name}: `key` has {key.shape[1]} heads, which does not divide the query's "
-            f"{query.shape[1]}; use a key/value head count that divides it."
+            f"{name}: `key` has {key.shape[heads_axis]} heads, which does not divide the "
+            f"query's {query.shape[heads_axis]}; use a key/value head count that divides it."
         )
 
 
-def check_mask(mask: AttentionMask | None, query: Array, key: Array, *, name: str) -> None:
-    """A mask must be rank 4 and broadcastable to (B, H, T, S)."""
+def check_mask(
+    mask: AttentionMask | None, query: Array, key: Array, *, name: str, layout: Layout = "bhtd"
+) -> None:
+    """A mask must be boolean, rank 4 and broadcastable to (B, H, T, S) in every layout."""
     if mask is None:
         return
-    target = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    heads_axis, seq_axis = _axes(layout)
+    target = (query.shape[0], query.shape[heads_axis], query.shape[seq_axis], key.shape[seq_axis])
     if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
         raise ValueError(
             f"{name}: `mask` of shape {mask.shape} is not broadcastable to (batch, heads, seq_q, "
-            f"seq_kv) = {target}; give a rank-4 boolean mask (size-1 axes broadcast)."
+            f"seq_kv) = {target}; give a rank-4 boolean mask (size-1 axes broadcast; the mask "
+            "keeps this order whatever the layout of query and key)."
         )
     if mask.dtype != jnp.bool_:
         raise ValueError(

@@ -287,32 +287,33 @@ def resolve_use_pallas(
 # --------------------------------------------------------------------------- Pallas kernel
 
 
-def _decode_kernel(
-    length_ref: Any,
-    q_offset_ref: Any,
-    q_ref: Any,
-    k_ref: Any,
-    v_ref: Any,
+def split_kv_body(
+    *,
+    load_tile: Any,
+    length: Any,
+    q_offset: Any,
+    q: Any,
     out_ref: Any,
     max_ref: Any,
     sum_ref: Any,
-    *,
     score_mod: ScoreMod | None,
     scale: float,
     group: int,
     seq_q: int,
-    block_kv: int,
-    tiles_per_split: int,
-    num_tiles: int,
+    tile: int,
+    steps_per_split: int,
+    num_steps_total: int,
     causal: bool,
     attention_window: int | None,
 ) -> None:
+    """One split-KV program: online softmax over this split's visible tiles, partials out.
+
+    Shared by the contiguous and the paged kernel, which differ only in ``load_tile(index)``:
+    how the keys and values of tile ``index`` (``tile`` rows each) are read.
+    """
     b = pl.program_id(0)
     kv_head = pl.program_id(1)
     split = pl.program_id(2)
-    length = length_ref[0]
-    q_offset = q_offset_ref[0]
-    q = q_ref[...]
     rows, head_dim = q.shape
     h_idx, q_pos = row_indices(
         jnp.arange(rows)[:, None], group=group, seq_q=seq_q, kv_head=kv_head, q_offset=q_offset
@@ -322,21 +323,19 @@ def _decode_kernel(
         length=length,
         q_offset=q_offset,
         seq_q=seq_q,
-        tile=block_kv,
+        tile=tile,
         causal=causal,
         attention_window=attention_window,
     )
-    first = jnp.maximum(split * tiles_per_split, lo)
-    last = jnp.minimum(jnp.minimum((split + 1) * tiles_per_split, num_tiles), hi)
+    first = jnp.maximum(split * steps_per_split, lo)
+    last = jnp.minimum(jnp.minimum((split + 1) * steps_per_split, num_steps_total), hi)
     num_steps = jnp.maximum(last - first, 0)
-    kv_offsets = jnp.arange(block_kv)[None, :]
+    kv_offsets = jnp.arange(tile)[None, :]
 
     def body(step: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         out_prev, max_prev, sum_prev = carry
-        # The alignment hint lets Triton emit wide vectorised loads.
-        start = pl.multiple_of((first + step) * block_kv, block_kv)
-        k = k_ref[pl.ds(start, block_kv), :]
-        v = v_ref[pl.ds(start, block_kv), :]
+        index = first + step
+        k, v = load_tile(index)
         scores = (
             jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             * scale
@@ -346,7 +345,7 @@ def _decode_kernel(
             b_idx=b,
             h_idx=h_idx,
             q_pos=q_pos,
-            kv_pos=start + kv_offsets,
+            kv_pos=index * tile + kv_offsets,
             length=length,
             causal=causal,
             attention_window=attention_window,
@@ -373,6 +372,51 @@ def _decode_kernel(
     out_ref[...] = out
     max_ref[...] = row_max
     sum_ref[...] = row_sum
+
+
+def _decode_kernel(
+    length_ref: Any,
+    q_offset_ref: Any,
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    out_ref: Any,
+    max_ref: Any,
+    sum_ref: Any,
+    *,
+    score_mod: ScoreMod | None,
+    scale: float,
+    group: int,
+    seq_q: int,
+    block_kv: int,
+    tiles_per_split: int,
+    num_tiles: int,
+    causal: bool,
+    attention_window: int | None,
+) -> None:
+    def load_tile(index: Any) -> tuple[Any, Any]:
+        # The alignment hint lets Triton emit wide vectorised loads.
+        start = pl.multiple_of(index * block_kv, block_kv)
+        return k_ref[pl.ds(start, block_kv), :], v_ref[pl.ds(start, block_kv), :]
+
+    split_kv_body(
+        load_tile=load_tile,
+        length=length_ref[0],
+        q_offset=q_offset_ref[0],
+        q=q_ref[...],
+        out_ref=out_ref,
+        max_ref=max_ref,
+        sum_ref=sum_ref,
+        score_mod=score_mod,
+        scale=scale,
+        group=group,
+        seq_q=seq_q,
+        tile=block_kv,
+        steps_per_split=tiles_per_split,
+        num_steps_total=num_tiles,
+        causal=causal,
+        attention_window=attention_window,
+    )
 
 
 def _pallas_contiguous(

@@ -23,13 +23,11 @@ import dataclasses
 import importlib.util
 from typing import Any, Literal, TypeAlias
 
-import beartype
 import jax
 import jax.numpy as jnp
-import jaxtyping
 from jaxtyping import Array, Float
 
-from .._checks import shape_checked, shape_checks_enabled
+from .._checks import shape_checked
 from .._mods import (
     AdditiveBiasMod,
     AndMask,
@@ -409,54 +407,7 @@ def flash_attention(
     return jnp.swapaxes(out, 1, 2)
 
 
-def _check_bthd(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    mask: jax.Array | None,
-    *,
-    name: str,
-) -> None:
-    """The (B, T, H, D) counterpart of ``check_qkv`` and ``check_mask``."""
-    for arg, array in (("query", query), ("key", key), ("value", value)):
-        if array.ndim != 4:
-            raise ValueError(
-                f"{name}: `{arg}` must have rank 4 (batch, seq, heads, head_dim), got shape "
-                f"{array.shape}."
-            )
-    if key.shape != value.shape:
-        raise ValueError(
-            f"{name}: `key` {key.shape} and `value` {value.shape} must have the same shape."
-        )
-    if query.shape[0] != key.shape[0]:
-        raise ValueError(
-            f"{name}: `query` batch {query.shape[0]} differs from `key` batch {key.shape[0]}."
-        )
-    if query.shape[3] != key.shape[3]:
-        raise ValueError(
-            f"{name}: `query` head_dim {query.shape[3]} differs from `key` head_dim {key.shape[3]}."
-        )
-    if query.shape[2] % key.shape[2] != 0:
-        raise ValueError(
-            f"{name}: `key` has {key.shape[2]} heads, which does not divide the query's "
-            f"{query.shape[2]}; use a key/value head count that divides it."
-        )
-    if mask is None:
-        return
-    target = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])
-    if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
-        raise ValueError(
-            f"{name}: `mask` of shape {mask.shape} is not broadcastable to (batch, heads, seq_q, "
-            f"seq_kv) = {target}; the mask keeps the (batch, heads, seq_q, seq_kv) order in "
-            "this layout too."
-        )
-    if mask.dtype != jnp.bool_:
-        raise ValueError(
-            f"{name}: `mask` must be boolean (True = attend), got dtype {mask.dtype}; use a "
-            "score mod (additive_bias_mod) for additive biases."
-        )
-
-
+@shape_checked(head_axis=2)
 def flash_attention_bthd(
     query: QueryBTHD,
     key: KeyBTHD,
@@ -478,49 +429,9 @@ def flash_attention_bthd(
     Arguments, paths and errors are those of :func:`flash_attention`; shapes are checked by
     jaxtyping (``"B T H D"``, ``"B S Hk D"``) when shape checks are on.
     """
-    if shape_checks_enabled():
-        checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(_flash_bthd_impl)
-        return checked(
-            query,
-            key,
-            value,
-            mask=mask,
-            score_mod=score_mod,
-            dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate,
-            deterministic=deterministic,
-            block_size=block_size,
-            scale=scale,
-        )
-    return _flash_bthd_impl(
-        query,
-        key,
-        value,
-        mask=mask,
-        score_mod=score_mod,
-        dropout_rng=dropout_rng,
-        dropout_rate=dropout_rate,
-        deterministic=deterministic,
-        block_size=block_size,
-        scale=scale,
-    )
-
-
-def _flash_bthd_impl(
-    query: QueryBTHD,
-    key: KeyBTHD,
-    value: ValueBTHD,
-    *,
-    mask: AttentionMask | None,
-    score_mod: ScoreMod | None,
-    dropout_rng: PRNGKeyArray | None,
-    dropout_rate: float,
-    deterministic: bool,
-    block_size: int,
-    scale: float | None,
-) -> OutputBTHD:
     name = "flash_attention_bthd"
-    _check_bthd(query, key, value, mask, name=name)
+    check_qkv(query, key, value, name=name, layout="bthd")
+    check_mask(mask, query, key, name=name, layout="bthd")
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     _check_block_size(block_size, name)
     plan, on_cuda = _cudnn_plan_for(

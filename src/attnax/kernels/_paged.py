@@ -16,20 +16,16 @@ the contiguous decode kernel.
 import functools
 from typing import Any
 
-import beartype
 import jax
 import jax.numpy as jnp
-import jaxtyping
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from .._checks import shape_checks_enabled
-from .._mods import split_score_mod
+from .._checks import shape_checked
 from .._typing import AttentionOutput, QueryArray, ScoreMod
 from ._common import default_scale
 from ._decode import (
     MIN_ROWS,
-    NEG_INF_FINITE,
     _gpu_compiler_params,
     _is_power_of_two,
     _next_power_of_two,
@@ -37,12 +33,9 @@ from ._decode import (
     default_num_splits,
     group_query_rows,
     merge_splits,
-    online_softmax_step,
     pallas_unsupported_reason,
     resolve_use_pallas,
-    row_indices,
-    tile_range,
-    tile_scores,
+    split_kv_body,
     ungroup_rows,
     xla_decode_loop,
 )
@@ -72,75 +65,33 @@ def _paged_kernel(
     causal: bool,
     attention_window: int | None,
 ) -> None:
-    b = pl.program_id(0)
-    kv_head = pl.program_id(1)
-    split = pl.program_id(2)
-    length = length_ref[0]
-    q_offset = q_offset_ref[0]
-    q = q_ref[...]
-    rows, head_dim = q.shape
     tile = pages_per_step * block_size
-    h_idx, q_pos = row_indices(
-        jnp.arange(rows)[:, None], group=group, seq_q=seq_q, kv_head=kv_head, q_offset=q_offset
-    )
-    mask_mod, value_mod = split_score_mod(score_mod)
-    lo, hi = tile_range(
-        length=length,
-        q_offset=q_offset,
-        seq_q=seq_q,
-        tile=tile,
-        causal=causal,
-        attention_window=attention_window,
-    )
-    first = jnp.maximum(split * steps_per_split, lo)
-    last = jnp.minimum(jnp.minimum((split + 1) * steps_per_split, num_steps_total), hi)
-    num_steps = jnp.maximum(last - first, 0)
-    kv_offsets = jnp.arange(tile)[None, :]
 
-    def body(step: Any, carry: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
-        out_prev, max_prev, sum_prev = carry
-        index = first + step
+    def load_tile(index: Any) -> tuple[Any, Any]:
         # Unallocated entries (-1) only occur past the row's length, where every score is
         # masked; block 0 is a harmless address to read instead.
         pages = jnp.maximum(table_ref[pl.ds(index * pages_per_step, pages_per_step)], 0)
-        k = k_ref[pages].reshape(tile, head_dim)
-        v = v_ref[pages].reshape(tile, head_dim)
-        scores = (
-            jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            * scale
-        )
-        scores = tile_scores(
-            scores,
-            b_idx=b,
-            h_idx=h_idx,
-            q_pos=q_pos,
-            kv_pos=index * tile + kv_offsets,
-            length=length,
-            causal=causal,
-            attention_window=attention_window,
-            mask_mod=mask_mod,
-            value_mod=value_mod,
-        )
+        head_dim = q_ref.shape[-1]
+        return k_ref[pages].reshape(tile, head_dim), v_ref[pages].reshape(tile, head_dim)
 
-        def value_product(weights: Any) -> Any:
-            return jax.lax.dot_general(
-                weights.astype(v.dtype),
-                v,
-                (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32,
-            )
-
-        return online_softmax_step(scores, max_prev, sum_prev, out_prev, value_product)
-
-    init = (
-        jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), NEG_INF_FINITE, jnp.float32),
-        jnp.zeros((rows,), jnp.float32),
+    split_kv_body(
+        load_tile=load_tile,
+        length=length_ref[0],
+        q_offset=q_offset_ref[0],
+        q=q_ref[...],
+        out_ref=out_ref,
+        max_ref=max_ref,
+        sum_ref=sum_ref,
+        score_mod=score_mod,
+        scale=scale,
+        group=group,
+        seq_q=seq_q,
+        tile=tile,
+        steps_per_split=steps_per_split,
+        num_steps_total=num_steps_total,
+        causal=causal,
+        attention_window=attention_window,
     )
-    out, row_max, row_sum = jax.lax.fori_loop(0, num_steps, body, init)
-    out_ref[...] = out
-    max_ref[...] = row_max
-    sum_ref[...] = row_sum
 
 
 def _pad_table(block_table: Int[Array, "B M"], columns: int) -> Int[Array, "B Mp"]:
@@ -270,6 +221,7 @@ def _xla_paged(
     )
 
 
+@shape_checked(head_axis=None)
 def paged_decode_attention(
     query: QueryArray,
     key_pool: Float[Array, "N P Hk D"],
@@ -336,64 +288,6 @@ def paged_decode_attention(
       >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
       ((1, 2, 1, 4), True)
     """
-    if shape_checks_enabled():
-        return _checked_paged_decode_attention(
-            query,
-            key_pool,
-            value_pool,
-            block_table,
-            lengths,
-            score_mod=score_mod,
-            q_offset=q_offset,
-            causal=causal,
-            attention_window=attention_window,
-            num_splits=num_splits,
-            block_kv=block_kv,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            use_pallas=use_pallas,
-            interpret=interpret,
-            scale=scale,
-        )
-    return _paged_decode_attention(
-        query,
-        key_pool,
-        value_pool,
-        block_table,
-        lengths,
-        score_mod=score_mod,
-        q_offset=q_offset,
-        causal=causal,
-        attention_window=attention_window,
-        num_splits=num_splits,
-        block_kv=block_kv,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        use_pallas=use_pallas,
-        interpret=interpret,
-        scale=scale,
-    )
-
-
-def _paged_decode_attention(
-    query: QueryArray,
-    key_pool: Float[Array, "N P Hk D"],
-    value_pool: Float[Array, "N P Hk D"],
-    block_table: Int[Array, "B M"],
-    lengths: Int[Array, " B"],
-    *,
-    score_mod: ScoreMod | None,
-    q_offset: Int[Array, " B"] | None,
-    causal: bool,
-    attention_window: int | None,
-    num_splits: int | None,
-    block_kv: int,
-    num_warps: int,
-    num_stages: int,
-    use_pallas: bool | None,
-    interpret: bool,
-    scale: float | None,
-) -> AttentionOutput:
     name = "paged_decode_attention"
     if key_pool.ndim != 4 or key_pool.shape != value_pool.shape:
         raise ValueError(
@@ -460,11 +354,3 @@ def _paged_decode_attention(
         attention_window=attention_window,
         pages_per_step=pages_per_step,
     )
-
-
-# The shared ``shape_checked`` decorator also checks head grouping on the first three arguments
-# as (query, key, value); here the second is a pool whose axis 1 is the block size, so the
-# jaxtyping + beartype check is applied directly (dimension names still bind across arguments).
-_checked_paged_decode_attention = jaxtyping.jaxtyped(typechecker=beartype.beartype)(
-    _paged_decode_attention
-)

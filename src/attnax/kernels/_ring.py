@@ -51,6 +51,7 @@ from ._common import (
     check_qkv,
     default_scale,
     safe_normaliser,
+    vary_like,
 )
 from ._standard import standard_attention
 
@@ -215,42 +216,17 @@ def bound_axis_size(axis_name: Hashable | None) -> int | None:
     return int(size)
 
 
-def _varying_axes(x: Array) -> frozenset[Any] | None:
-    """Mesh axes ``x`` varies over inside shard_map (None when JAX does not say)."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)  # jax >= 0.7 spelling on some releases
-    if vma is not None:
-        return frozenset(vma)
-    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10 spelling
-    if manual is not None:
-        return frozenset(manual.varying)
-    return None
-
-
-# --------------------------------------------------------------------------- score mods
-
-
 def _vary_over_ring(array: Array, axis_name: Hashable) -> Array:
     """Mark a replicated (ring-invariant) array as varying over ``axis_name``.
 
     Each device's backward produces only its own queries' share of a score-mod array's
     gradient. Casting the array to "varying" before the custom_vjp makes JAX transpose the cast
-    into the psum that adds those shares. ``jax.lax.pcast`` is the current spelling,
-    ``jax.lax.pvary`` the older one; where JAX tracks no manual-axis types (``check_vma=False``)
-    the array is left alone and shard_map's own transpose reduces replicated inputs.
+    into the psum that adds those shares (:func:`~attnax.kernels._common.vary_like` does the
+    cast, in whichever spelling this JAX has).
     """
-    varying = _varying_axes(array)
-    if varying is None or axis_name in varying or not jnp.issubdtype(array.dtype, jnp.floating):
+    if not jnp.issubdtype(array.dtype, jnp.floating):
         return array
-    pcast = getattr(jax.lax, "pcast", None)
-    if pcast is not None:
-        result: Array = pcast(array, (axis_name,), to="varying")
-        return result
-    pvary = getattr(jax.lax, "pvary", None)
-    if pvary is not None:
-        result = pvary(array, (axis_name,))
-        return result
-    return array
+    return vary_like(array, frozenset({axis_name}))
 
 
 def _partition_mod(
