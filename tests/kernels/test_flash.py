@@ -13,8 +13,8 @@ from attnax import _mods as mods
 from attnax.kernels import standard_attention
 from attnax.kernels._flash import (
     _call_dot_product_attention,
-    _cudnn_plan,
     _CudnnPlan,
+    cudnn_plan,
     flash_attention,
     flash_attention_bthd,
 )
@@ -96,7 +96,7 @@ def _plan(score_mod: Any, *, dtype: Any = jnp.bfloat16, **overrides: Any) -> _Cu
         "compute_capability": HOPPER,
     }
     kwargs.update(overrides)
-    return _cudnn_plan(**kwargs)
+    return cudnn_plan(**kwargs)
 
 
 def test_plan_recognises_what_cudnn_expresses() -> None:
@@ -159,7 +159,7 @@ def test_argument_mapping_through_xla(
     if with_mask:
         mask = jax.random.bernoulli(jax.random.key(6), 0.6, (2, 1, seq_q, seq_kv))
         mask = mask.at[0, :, 2].set(False)
-    plan = _cudnn_plan(
+    plan = cudnn_plan(
         dtypes=(jnp.bfloat16,) * 3,
         head_dim=16,
         seq_q=seq_q,

@@ -72,7 +72,7 @@ class _CudnnPlan:
     biases: tuple[Array, ...]  # each broadcastable to (B, H, T, S)
 
 
-def _cuda_compute_capability() -> tuple[int, int] | None:
+def cuda_compute_capability() -> tuple[int, int] | None:
     """(major, minor) of the default device when it is an NVIDIA GPU, else None."""
     if jax.default_backend() != "gpu":
         return None
@@ -125,7 +125,7 @@ def _cudnn_biases(value_mod: ScoreMod | None) -> tuple[Array, ...] | None:
     return None
 
 
-def _cudnn_plan(
+def cudnn_plan(
     *,
     dtypes: tuple[Any, Any, Any],
     head_dim: int,
@@ -279,8 +279,8 @@ def _cudnn_plan_for(
     dropout_active: bool,
     name: str,
 ) -> tuple[_CudnnPlan | None, bool]:
-    capability = _cuda_compute_capability()
-    plan = _cudnn_plan(
+    capability = cuda_compute_capability()
+    plan = cudnn_plan(
         dtypes=(query.dtype, key.dtype, value.dtype),
         head_dim=query.shape[-1],
         seq_q=seq_q,
