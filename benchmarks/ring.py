@@ -2,9 +2,11 @@
 
 B1, H16, D128, bf16, causal; forward and forward+backward at total length 65536 and longer.
 Single GPU: ``flash_attention`` (cuDNN) and ``memory_efficient_attention`` on the whole
-sequence on device 0. Ring: ``ring_attention`` inside ``jax.shard_map`` over both GPUs, the
-sequence already in zigzag (and, for comparison, contiguous) order, as a data loader would
-deliver it (the permutation is not timed).
+sequence on device 0 (memory-efficient at the first length only). Ring: ``ring_attention``
+inside ``jax.shard_map`` over both GPUs, the sequence already in zigzag (and, for comparison,
+contiguous) order, as a data loader would deliver it (the permutation is not timed). The ring's
+default dispatch computes each shard pair with one cuDNN call (``_ring_flash``); the
+``_xla_tiles`` rows force the blockwise XLA pairs (``fused_pairs=False``) for comparison.
 
 Throughput ratio = single-GPU time / ring time on the same total length; parallel efficiency =
 ratio / number of GPUs. TFLOP/s in the FlashAttention convention (causal forward
@@ -116,6 +118,63 @@ def run_config(
     rows.append(row)
 
 
+def memory_report(
+    args: argparse.Namespace, mesh: Mesh, spec: PartitionSpec, heads: int, head_dim: int,
+    dtype: Any, block_size: int,
+) -> None:
+    """Compile-only: peak bytes per device of causal forward+backward, single GPU vs the ring.
+
+    Nothing runs: XLA's memory analysis of the compiled executables (arguments + outputs +
+    temporaries, per device for the sharded ring) says at which total length each one stops
+    fitting a card, which timing runs at millions of tokens could not show within the device
+    budget. Writes $OUT/ring_memory_2xh100.json.
+    """
+    devices = list(mesh.devices.flat)
+    single = jax.sharding.SingleDeviceSharding(devices[0])
+    sharded = NamedSharding(mesh, spec)
+    capacity = devices[0].memory_stats().get("bytes_limit") if devices[0].platform == "gpu" else None
+    lengths = [int(x) for x in args.lengths.split(",") if x] or (
+        [256, 512] if args.smoke else [1 << 20, 1 << 21, 1 << 22, 1 << 23]
+    )
+    found: list[dict[str, Any]] = []
+
+    def analyse(impl: str, seq: int, fn: Callable[..., Any], sharding: Any) -> None:
+        shape = jax.ShapeDtypeStruct((1, heads, seq, head_dim), dtype, sharding=sharding)
+        row: dict[str, Any] = {"impl": impl, "seq": seq}
+        try:
+            stats = jax.jit(with_grad(fn)).lower(shape, shape, shape).compile().memory_analysis()
+            total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                     + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+            row.update(peak_gib=round(total / 2**30, 2),
+                       fits=None if capacity is None else bool(total <= capacity))
+        except Exception as error:  # noqa: BLE001 - a too-large compile is a finding, not a crash
+            row["error"] = (type(error).__name__ + ": " + str(error)).splitlines()[0][:300]
+        found.append(row)
+        print(f"{impl:24s} T={seq:<9d} {row.get('peak_gib', '-')!s:>8} GiB  fits={row.get('fits')}"
+              f" {row.get('error', '')}", flush=True)
+
+    def ring_body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return ring_attention(q, k, v, axis_name="seq", score_mod=causal_mod(), layout="zigzag",
+                              block_size=block_size)
+
+    ring = jax.shard_map(ring_body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    flash = single_gpu_kernels(block_size)
+    name, kernel = next(iter(flash.items()))
+    for seq in lengths:
+        analyse(f"single_{name}", seq, kernel, single)
+        analyse("ring_2gpu_zigzag", seq, ring, sharded)
+    out_dir = os.environ.get("OUT", "benchmarks/results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "ring_memory_smoke.json" if args.smoke
+                        else "ring_memory_2xh100.json")
+    with open(path, "w") as f:
+        json.dump({"devices": [d.device_kind for d in devices], "jax_version": jax.__version__,
+                   "bytes_limit_per_device": capacity, "heads": heads, "head_dim": head_dim,
+                   "dtype": str(jnp.dtype(dtype)), "mode": "fwd+bwd, causal", "rows": found},
+                  f, indent=2)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, 2 virtual devices, tiny sizes")
@@ -124,14 +183,18 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=220.0, help="seconds before skipping")
     parser.add_argument("--iters", type=int, default=0)
     parser.add_argument("--no-contiguous", action="store_true", help="skip the contiguous ring")
+    parser.add_argument("--memory", action="store_true",
+                        help="compile-only peak memory, single GPU vs ring, at 1M-8M tokens")
+    parser.add_argument("--no-tiles", action="store_true",
+                        help="skip the XLA-tile ring and single-GPU memory_efficient rows")
     args = parser.parse_args()
 
     heads, head_dim = (2, 16) if args.smoke else (16, 128)
     lengths = [int(x) for x in args.lengths.split(",") if x] or (
-        [64, 128] if args.smoke else [65536, 131072]
+        [64, 128] if args.smoke else [65536, 131072, 262144]
     )
     block_size = args.block_size or (16 if args.smoke else 2048)
-    iters = args.iters or (2 if args.smoke else 3)
+    iters = args.iters or (2 if args.smoke else 5)
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
     devices = jax.devices()[:2]
     if len(devices) < 2:
@@ -153,24 +216,41 @@ def main() -> None:
         made = make(jax.random.key(seq))
         return tuple(jax.device_put(x, sharding) for x in made)
 
+    if args.memory:
+        memory_report(args, mesh, spec, heads, head_dim, dtype, block_size)
+        return
+
     for seq in lengths:
         for mode in ("fwd", "fwd+bwd"):
-            for layout in ("zigzag",) if args.no_contiguous else ("zigzag", "contiguous"):
+            # Ring variants: the default dispatch (fused cuDNN pairs on a GPU) in both layouts,
+            # and the XLA-tile pairs (fused_pairs=False) at the first length only.
+            variants = [("zigzag", None), ("contiguous", None), ("zigzag", False)]
+            if args.no_contiguous:
+                variants = [variant for variant in variants if variant[0] == "zigzag"]
+            if seq != lengths[0] or args.no_tiles:
+                variants = [variant for variant in variants if variant[1] is None]
+            for layout, fused in variants:
 
-                def build_ring(seq: int = seq, mode: str = mode, layout: str = layout) -> Any:
+                def build_ring(
+                    seq: int = seq, mode: str = mode, layout: str = layout, fused: Any = fused
+                ) -> Any:
                     def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
                         return ring_attention(
                             q, k, v, axis_name="seq", score_mod=causal_mod(),
                             layout=layout, block_size=block_size,  # type: ignore[arg-type]
+                            fused_pairs=fused,
                         )
 
                     mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
                     fn = jax.jit(mapped if mode == "fwd" else with_grad(mapped))
                     return fn, inputs(seq, sharded)
 
-                run_config(f"ring_2gpu_{layout}", seq, mode, build_ring, heads=heads,
+                suffix = "_xla_tiles" if fused is False else ""
+                run_config(f"ring_2gpu_{layout}{suffix}", seq, mode, build_ring, heads=heads,
                            head_dim=head_dim, iters=iters, budget=args.budget, devices=2)
             for name, kernel in single_gpu_kernels(block_size).items():
+                if name == "memory_efficient" and (seq != lengths[0] or args.no_tiles):
+                    continue
 
                 def build_single(seq: int = seq, mode: str = mode, kernel: Any = kernel) -> Any:
                     fn = jax.jit(kernel if mode == "fwd" else with_grad(kernel))

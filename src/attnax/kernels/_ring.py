@@ -53,6 +53,8 @@ from ._common import (
     safe_normaliser,
     vary_like,
 )
+from ._flash import cuda_compute_capability, cudnn_plan
+from ._ring_flash import cudnn_pairs_available, flash_ring
 from ._standard import standard_attention
 
 __all__ = [
@@ -853,6 +855,41 @@ def _local_attention(
     return result
 
 
+def _fused_pair_plan(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None,
+    score_mod: ScoreMod | None,
+    layout: str,
+) -> tuple[bool, str | None]:
+    """(causal, None) when one cuDNN call per shard pair serves this ring, else (_, reason)."""
+    if not cudnn_pairs_available():
+        return False, "this JAX does not expose the cuDNN attention backward"
+    if mask is not None:
+        return False, "a key-padding mask is given"
+    seq_q, seq_kv = query.shape[2], key.shape[2]
+    if seq_q != seq_kv:
+        return False, f"query and key shards differ in length ({seq_q} vs {seq_kv})"
+    plan = cudnn_plan(
+        dtypes=(query.dtype, key.dtype, value.dtype),
+        head_dim=query.shape[-1],
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        score_mod=score_mod,
+        compute_capability=cuda_compute_capability(),
+    )
+    if plan is None or plan.window_size is not None or plan.biases:
+        return False, (
+            "it needs an NVIDIA GPU (compute capability 8.0+), bf16/fp16 inputs, a supported "
+            "head_dim, and a score mod that is None or causal"
+        )
+    if plan.is_causal and layout not in ("contiguous", "zigzag"):
+        return False, f"causal pairs are planned for the contiguous and zigzag layouts, not {layout}"
+    return plan.is_causal, None
+
+
 def _check_block_size(block_size: int, *, name: str) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"{name}: `block_size` must be a positive int, got {block_size!r}.")
@@ -889,6 +926,7 @@ def ring_attention(
     layout: RingLayout = "contiguous",
     block_size: int = 512,
     scale: float | None = None,
+    fused_pairs: bool | None = None,
 ) -> AttentionOutput:
     r"""Exact softmax attention over a sequence sharded on mesh axis ``axis_name``.
 
@@ -919,8 +957,16 @@ def ring_attention(
       deterministic: no dropout when True.
       layout: "contiguous", "zigzag" (device ``i`` holds chunks ``i`` and ``2P - 1 - i``) or
         "striped" (device ``i`` holds ``i, i + P, ...``); balanced layouts even out causal work.
-      block_size: tile size of the blockwise compute (per device, in tokens).
+      block_size: tile size of the blockwise compute (per device, in tokens); unused by the
+        fused pairs.
       scale: score scale, ``1 / sqrt(head_dim)`` by default.
+      fused_pairs: how each (query shard, key shard) pair is computed. ``None`` (default):
+        one cuDNN flash call per pair whenever the call qualifies (an NVIDIA GPU, bf16/fp16,
+        no mask, a score mod that is None or causal, equal query and key shard lengths, layout
+        zigzag or contiguous under causal; backward from the global log-sum-exp, see
+        :mod:`attnax.kernels._ring_flash`), else blockwise XLA tiles, which take any score
+        mod. ``False``: always XLA tiles. ``True``: fused pairs or ``NotImplementedError``
+        with the reason.
 
     Returns:
       (batch, heads, seq_q / P, head_dim) in the query's dtype: this device's output rows.
@@ -929,7 +975,8 @@ def ring_attention(
     Raises:
       ValueError: bad shapes, dropout arguments, layout or block size; a zigzag shard of odd
         length.
-      NotImplementedError: active dropout or a dense query-dependent mask in the ring.
+      NotImplementedError: active dropout or a dense query-dependent mask in the ring;
+        ``fused_pairs=True`` for a call the fused pairs cannot serve.
 
     Example:
       >>> import jax, jax.numpy as jnp, attnax
@@ -981,6 +1028,27 @@ def ring_attention(
             f"multiple of 2 x {num_shards}."
         )
     key_mask = _ring_key_mask(mask, query, key, name=name)
+    fused_causal, reason = _fused_pair_plan(
+        query, key, value, mask=key_mask, score_mod=score_mod, layout=layout
+    )
+    if fused_pairs and reason is not None:
+        raise NotImplementedError(
+            f"{name}: fused_pairs=True, but the fused (cuDNN) pairs cannot serve this call: "
+            f"{reason}; pass fused_pairs=None to fall back to the XLA tiles."
+        )
+    if fused_pairs is not False and reason is None:
+        fused: AttentionOutput = flash_ring(
+            query,
+            key,
+            value,
+            axis_name=axis_name,
+            num_shards=num_shards,
+            layout=layout,
+            causal=fused_causal,
+            scale=default_scale(head_dim, scale),
+            pair="cudnn",
+        )
+        return fused
     mod_arrays, rebuild = _partition_mod(score_mod)
     mod_arrays = [_vary_over_ring(array, axis_name) for array in mod_arrays]
     unit_q = seq_q // 2 if layout == "zigzag" else seq_q
