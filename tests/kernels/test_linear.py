@@ -246,3 +246,76 @@ def test_no_quadratic_intermediate_forward_and_backward() -> None:
 
     largest = _largest_intermediate(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     assert largest < seq * seq // 8
+
+
+# --------------------------------------------------------------------------- fused kernels
+
+
+@pytest.mark.parametrize(
+    ("num_kv_heads", "seq", "chunk_size", "scale"),
+    [(4, 64, 16, None), (2, 64, 32, 0.5), (1, 16, 64, None)],
+)
+def test_fused_kernels_match_reference_interpreted(
+    num_kv_heads: int, seq: int, chunk_size: int, scale: float | None
+) -> None:
+    """The Pallas forward (run by the interpreter) and its backward against float64."""
+    q, k, v = random_qkv(21, num_heads=4, num_kv_heads=num_kv_heads, seq_q=seq, head_dim=16)
+
+    def fused(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return linear_attention(
+            q, k, v, chunk_size=chunk_size, scale=scale, use_pallas=True, interpret=True
+        )
+
+    expected = linear_reference(q, k, v, causal=True, scale=1.0 if scale is None else scale)
+    assert relative_error(fused(q, k, v), expected) < 1e-5
+    weights = jnp.cos(jnp.arange(q.size, dtype=q.dtype).reshape(q.shape))
+    got = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(
+        lambda *a: jnp.sum(
+            linear_attention(*a, chunk_size=chunk_size, scale=scale, use_pallas=False) * weights
+        ),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert relative_error(g, w) < 1e-5, name
+
+
+def test_fused_kernels_bf16_interpreted() -> None:
+    q, k, v = random_qkv(22, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16, dtype=jnp.bfloat16)
+    out = linear_attention(q, k, v, chunk_size=16, use_pallas=True, interpret=True)
+    assert out.dtype == jnp.bfloat16
+    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("causal", "padded", "match"),
+    [(False, False, "non-causal"), (True, True, "key-padding mask")],
+)
+def test_fused_refusals_name_the_reason(causal: bool, padded: bool, match: str) -> None:
+    q, k, v = random_qkv(23, num_heads=2, num_kv_heads=2, seq_q=16, head_dim=8)
+    mask = jnp.ones((2, 1, 1, 16), bool) if padded else None
+    with pytest.raises(NotImplementedError, match=f"use_pallas=True.*{match}"):
+        linear_attention(q, k, v, causal=causal, mask=mask, use_pallas=True, interpret=True)
+
+
+@pytest.mark.gpu
+def test_fused_kernels_on_gpu() -> None:
+    """Compiled Triton kernels (bf16, GQA) against the XLA formulation, values and gradients."""
+    q, k, v = random_qkv(
+        24, num_heads=8, num_kv_heads=2, seq_q=512, head_dim=64, dtype=jnp.bfloat16
+    )
+    assert "attnax_linear_chunk_outputs" in str(
+        jax.make_jaxpr(lambda *a: linear_attention(*a, chunk_size=64))(q, k, v)
+    )
+
+    def loss(use_pallas: bool) -> Any:
+        return lambda *a: jnp.sum(
+            linear_attention(*a, chunk_size=64, use_pallas=use_pallas).astype(jnp.float32)
+        )
+
+    fused = jax.jit(lambda *a: linear_attention(*a, chunk_size=64, use_pallas=True))(q, k, v)
+    assert relative_error(fused, linear_reference(q, k, v, causal=True)) < 2e-2
+    got = jax.jit(jax.grad(loss(True), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(False), argnums=(0, 1, 2)))(q, k, v)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert relative_error(g, w) < 1e-2, name

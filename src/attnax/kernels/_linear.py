@@ -13,10 +13,14 @@ where :math:`A(t)` is the set of allowed keys (all unpadded keys, and only those
 :math:`t` when causal) and :math:`s` the query scale.
 
 The causal form is chunkwise parallel: inside a chunk of ``chunk_size`` positions a masked
-(chunk × chunk) quadratic term, across chunks the (D × D) state of all earlier chunks.
+(chunk × chunk) quadratic term, across chunks the (D × D) state of all earlier chunks, whose
+prefix over chunks is one parallel matmul. On a GPU the causal forward runs as two fused Pallas
+kernels around that prefix (:mod:`attnax.kernels._linear_pallas`); elsewhere, and for the
+backward, as the XLA formulation below.
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +37,7 @@ from .._typing import (
     ValueArray,
 )
 from ._common import accumulation_dtype, check_dropout, check_mask, check_qkv
+from ._linear_pallas import fused_causal_forward, fused_unsupported_reason
 
 __all__ = ["linear_attention"]
 
@@ -83,8 +88,120 @@ def _safe_divide(
     return jnp.where(positive[..., None], numerator / safe[..., None], 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "chunk_size", "scale", "precision"))
+def _exclusive_prefix_sum(
+    x: Float[Array, "B Hk N *rest"], out_dtype: Any = jnp.float32
+) -> Float[Array, "B Hk N *rest"]:
+    """Sums of the earlier chunks' terms (axis 2): one matmul with a 0/1 lower matrix.
+
+    ``jnp.cumsum`` lowers to a reduce-window that XLA:GPU expands into a log-depth tree of
+    passes over the whole (N, D, D) state array (and the same again, reversed, in the
+    backward); the matmul reads and writes it once, with N·N·D² multiply-adds that are cheap at
+    N = T / chunk_size. It accumulates in float32 and rounds once to ``out_dtype``; HIGHEST
+    keeps float32 inputs unrounded (no TF32), and bf16 inputs are exact in a bf16 matmul with
+    0/1 coefficients.
+    """
+    num_chunks = x.shape[2]
+    earlier = jnp.tril(jnp.ones((num_chunks, num_chunks), x.dtype), k=-1)
+    summed: Array = jnp.einsum(
+        "nm,bkm...->bkn...",
+        earlier,
+        x,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=out_dtype,
+    )
+    return summed
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused_causal(
+    query: Float[Array, "B H T D"],
+    key: Float[Array, "B Hk S D"],
+    value: Float[Array, "B Hk S D"],
+    chunk: int,
+    scale: float,
+    precision: jax.lax.PrecisionLike,
+    interpret: bool,
+) -> Float[Array, "B H T D"]:
+    """Pallas forward (:mod:`._linear_pallas`); backward: autodiff of the XLA formulation."""
+    return fused_causal_forward(
+        query,
+        key,
+        value,
+        chunk=chunk,
+        scale=scale,
+        exclusive_prefix_sum=_exclusive_prefix_sum,
+        interpret=interpret,
+    )
+
+
+def _fused_causal_fwd(
+    query: Array,
+    key: Array,
+    value: Array,
+    chunk: int,
+    scale: float,
+    precision: jax.lax.PrecisionLike,
+    interpret: bool,
+) -> tuple[Array, tuple[Array, Array, Array]]:
+    out = _fused_causal(query, key, value, chunk, scale, precision, interpret)
+    return out, (query, key, value)
+
+
+def _fused_causal_bwd(
+    chunk: int,
+    scale: float,
+    precision: jax.lax.PrecisionLike,
+    interpret: bool,
+    residuals: tuple[Array, Array, Array],
+    d_out: Array,
+) -> tuple[Array, Array, Array]:
+    def xla_forward(q: Array, k: Array, v: Array) -> Array:
+        return _xla_linear(
+            q, k, v, None, causal=True, chunk_size=chunk, scale=scale, precision=precision
+        )
+
+    _, vjp = jax.vjp(xla_forward, *residuals)
+    grads: tuple[Array, Array, Array] = vjp(d_out)
+    return grads
+
+
+_fused_causal.defvjp(_fused_causal_fwd, _fused_causal_bwd)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("causal", "chunk_size", "scale", "precision", "fused", "interpret"),
+)
 def _linear_attention(
+    query: Float[Array, "B H T D"],
+    key: Float[Array, "B Hk S D"],
+    value: Float[Array, "B Hk S D"],
+    key_mask: Bool[Array, "B S"] | None,
+    *,
+    causal: bool,
+    chunk_size: int,
+    scale: float,
+    precision: jax.lax.PrecisionLike,
+    fused: bool,
+    interpret: bool,
+) -> Float[Array, "B H T D"]:
+    if fused:
+        chunk = min(chunk_size, query.shape[2])
+        out: Array = _fused_causal(query, key, value, chunk, scale, precision, interpret)
+        return out
+    return _xla_linear(
+        query,
+        key,
+        value,
+        key_mask,
+        causal=causal,
+        chunk_size=chunk_size,
+        scale=scale,
+        precision=precision,
+    )
+
+
+def _xla_linear(
     query: Float[Array, "B H T D"],
     key: Float[Array, "B Hk S D"],
     value: Float[Array, "B Hk S D"],
@@ -100,31 +217,41 @@ def _linear_attention(
     group = num_heads // num_kv_heads
     acc = accumulation_dtype(query.dtype)
 
+    # Matmul operands stay in the input precision for bf16/fp16 (tensor cores, half the
+    # bytes), and every product accumulates in float32 (preferred_element_type); feature
+    # maps, states and sums are formed in float32 and rounded once where they enter a matmul.
+    # A float32 input keeps float32 operands throughout, and so does the CPU, which has no
+    # faster half-precision matmul (and whose runtime lacks some bf16 x bf16 -> f32 dots).
+    half_operands = acc != query.dtype and jax.default_backend() in ("gpu", "tpu")
+    operand = query.dtype if half_operands else acc
+
     # GQA: query heads are grouped over their key head, key/value are never repeated.
     grouped_query = query.astype(acc).reshape(batch, num_kv_heads, group, seq_q, head_dim)
     if scale != 1.0:
         grouped_query = grouped_query * jnp.asarray(scale, acc)
-    phi_q = _feature_map(grouped_query)
+    phi_q = _feature_map(grouped_query).astype(operand)
     k = key.astype(acc)
-    v = value.astype(acc)
+    v = value
     if key_mask is not None:
         keep = key_mask[:, None, :, None]
         # Zeroing padded keys and values before use keeps garbage in unused cache slots
         # (inf, NaN) out of the sums and out of the gradient.
         k = jnp.where(keep, k, 0.0)
-        v = jnp.where(keep, v, 0.0)
+        v = jnp.where(keep, v, jnp.zeros((), v.dtype))
         phi_k = jnp.where(keep, _feature_map(k), 0.0)
     else:
         phi_k = _feature_map(k)
+    phi_k = phi_k.astype(operand)
+    v = v.astype(operand)
 
     def einsum(spec: str, *operands: Array) -> Array:
         return jnp.einsum(spec, *operands, precision=precision, preferred_element_type=acc)
 
     if not causal:
         state = einsum("bksd,bkse->bkde", phi_k, v)
-        normaliser = jnp.sum(phi_k, axis=2)
-        numerator = einsum("bkgtd,bkde->bkgte", phi_q, state)
-        denominator = einsum("bkgtd,bkd->bkgt", phi_q, normaliser)
+        normaliser = jnp.sum(phi_k, axis=2, dtype=acc)
+        numerator = einsum("bkgtd,bkde->bkgte", phi_q, state.astype(operand))
+        denominator = einsum("bkgtd,bkd->bkgt", phi_q, normaliser.astype(operand))
         out = _safe_divide(numerator, denominator)
         return out.reshape(batch, num_heads, seq_q, head_dim).astype(query.dtype)
 
@@ -134,24 +261,31 @@ def _linear_attention(
     k_c = phi_k.reshape(batch, num_kv_heads, num_chunks, chunk, head_dim)
     v_c = v.reshape(batch, num_kv_heads, num_chunks, chunk, head_dim)
 
-    # Inter-chunk recurrence state_{c+1} = state_c + K_c^T V_c is a prefix sum, so it is
-    # evaluated as one parallel (exclusive) cumulative sum over the chunk axis rather than a
-    # sequential lax.scan: a few large batched matmuls instead of T/chunk_size small steps,
-    # with the same O(T/chunk_size · D²) states that a scan saves for its backward anyway.
-    chunk_state = einsum("bkncd,bknce->bknde", k_c, v_c)
-    chunk_normaliser = jnp.sum(k_c, axis=3)
-    state = jnp.cumsum(chunk_state[:, :, :-1], axis=2)
-    state = jnp.pad(state, ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
-    normaliser = jnp.cumsum(chunk_normaliser[:, :, :-1], axis=2)
-    normaliser = jnp.pad(normaliser, ((0, 0), (0, 0), (1, 0), (0, 0)))
+    # Inter-chunk recurrence state_{c+1} = state_c + K_c^T V_c is a prefix sum over the chunk
+    # axis, evaluated in parallel rather than as a sequential lax.scan of T/chunk_size small
+    # steps. Each chunk's (D, D) state is as large as the chunk's keys, so with half-precision
+    # operands the per-chunk states and the intra-chunk weights leave their matmuls already
+    # rounded to the operand dtype (accumulated in float32 inside the matmul, rounded once, as
+    # they would be on entering the next matmul anyway); the prefix sums accumulate in float32.
+    # This halves the bytes of the two largest intermediates (measured in benchmarks/NOTES.md).
+    chunk_state = jnp.einsum(
+        "bkncd,bknce->bknde", k_c, v_c, precision=precision, preferred_element_type=operand
+    )
+    chunk_normaliser = jnp.sum(k_c, axis=3, dtype=acc)
+    state = _exclusive_prefix_sum(chunk_state).astype(operand)
+    normaliser = _exclusive_prefix_sum(chunk_normaliser).astype(operand)
 
     causal_in_chunk = jnp.tril(jnp.ones((chunk, chunk), bool))
-    weights = einsum("bkgncd,bknjd->bkgncj", q_c, k_c)
-    weights = jnp.where(causal_in_chunk, weights, 0.0)
+    weights = jnp.einsum(
+        "bkgncd,bknjd->bkgncj", q_c, k_c, precision=precision, preferred_element_type=operand
+    )
+    weights = jnp.where(causal_in_chunk, weights, jnp.zeros((), operand))
     numerator = einsum("bkgncj,bknje->bkgnce", weights, v_c) + einsum(
         "bkgncd,bknde->bkgnce", q_c, state
     )
-    denominator = jnp.sum(weights, axis=-1) + einsum("bkgncd,bknd->bkgnc", q_c, normaliser)
+    denominator = jnp.sum(weights, axis=-1, dtype=acc) + einsum(
+        "bkgncd,bknd->bkgnc", q_c, normaliser
+    )
     out = _safe_divide(numerator, denominator)
     return out.reshape(batch, num_heads, seq_q, head_dim).astype(query.dtype)
 
@@ -171,6 +305,8 @@ def linear_attention(
     chunk_size: int = 64,
     scale: float | None = None,
     precision: jax.lax.PrecisionLike = None,
+    use_pallas: bool | None = None,
+    interpret: bool = False,
 ) -> AttentionOutput:
     r"""Linear attention with :math:`\phi(x) = \mathrm{elu}(x) + 1` (Katharopoulos et al. 2020).
 
@@ -204,6 +340,13 @@ def linear_attention(
         paper: unlike softmax, :math:`\phi` has no temperature to correct, and
         ``1/sqrt(head_dim)`` would only squash queries towards :math:`\phi(0) = 1`.
       precision: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 references).
+      use_pallas: causal attention without a key mask can run as two fused Pallas kernels
+        (per-chunk states, then per-chunk outputs; the prefix over chunks stays one XLA
+        matmul), which keep the feature maps, weights and numerators on chip; the backward is
+        the XLA formulation's. ``None`` (default): fused on a GPU for bf16/fp16 inputs with
+        power-of-two head_dim and chunk in [16, 256], else XLA. ``True``: fused or
+        ``NotImplementedError`` with the reason. ``False``: XLA.
+      interpret: run the fused kernels in the Pallas interpreter (CPU tests; float32 allowed).
 
     Returns:
       (batch, heads, seq_q, head_dim) in the query's dtype; feature maps, states and sums are
@@ -254,6 +397,16 @@ def linear_attention(
             f"sequence to a multiple of `chunk_size` (padding at the end does not change the "
             "earlier positions of causal attention) or choose a `chunk_size` that divides it."
         )
+    fused = _use_fused(
+        use_pallas,
+        interpret,
+        causal=causal,
+        key_mask=key_mask,
+        dtype=query.dtype,
+        head_dim=query.shape[-1],
+        chunk=min(chunk_size, seq_q),
+        name=name,
+    )
     out: AttentionOutput = _linear_attention(
         query,
         key,
@@ -263,5 +416,38 @@ def linear_attention(
         chunk_size=chunk_size,
         scale=1.0 if scale is None else float(scale),
         precision=precision,
+        fused=fused,
+        interpret=interpret,
     )
     return out
+
+
+def _use_fused(
+    use_pallas: bool | None,
+    interpret: bool,
+    *,
+    causal: bool,
+    key_mask: Array | None,
+    dtype: Any,
+    head_dim: int,
+    chunk: int,
+    name: str,
+) -> bool:
+    """Whether the fused Pallas forward serves this call (see ``use_pallas``)."""
+    if use_pallas is False:
+        return False
+    reason: str | None = None
+    if not causal:
+        reason = "the non-causal form is two global matmuls already"
+    elif key_mask is not None:
+        reason = "a key-padding mask is given"
+    elif not interpret and jax.default_backend() != "gpu":
+        reason = "it needs a GPU (or interpret=True)"
+    elif not (interpret and jnp.dtype(dtype) == jnp.dtype(jnp.float32)):
+        reason = fused_unsupported_reason(dtype=dtype, head_dim=head_dim, chunk=chunk)
+    if use_pallas and reason is not None:
+        raise NotImplementedError(
+            f"{name}: use_pallas=True, but the fused kernels cannot run this call: {reason}; "
+            "pass use_pallas=None (or False) for the XLA formulation."
+        )
+    return reason is None
