@@ -2,6 +2,7 @@
 # One device call on `nvidia-h100-x2` (two H100s): the single-GPU benchmarks run side by side,
 # one chain per GPU, each script timing its own peers in the same process; logs and JSON in $OUT.
 #   bash benchmarks/device_run.sh single | ring | recheck (GPU tests and prefill again) | probe
+#   | kernels (GPU tests, LINEAR chunks, decode sweep) | round2..round7 (this session's calls)
 set -u
 source "$(ls -d ../shared shared .device_shared 2>/dev/null | head -1)/gpu/setup-device.sh"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -45,8 +46,75 @@ probe)
   ) >"$OUT/cli.log" 2>&1 &
   wait
   ;;
+kernels)
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests --timeout 120 -rf 2>&1 | tail -30
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear.py tests/kernels/test_ring_flash.py --timeout 120 -rf 2>&1 | tail -15
+    timeout 150 python3 benchmarks/linear_chunks.py
+  ) >"$OUT/gpu0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 420 python3 benchmarks/decode.py --sweep
+  ) >"$OUT/gpu1.log" 2>&1 &
+  wait
+  ;;
+round2)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  tail -5 "$OUT/ring_tests.log"
+  timeout 330 python3 benchmarks/ring.py --budget 270 >"$OUT/ring.log" 2>&1
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 100 python3 benchmarks/linear_chunks.py
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear.py tests/kernels/test_paged.py --timeout 60 -rf 2>&1 | tail -5
+  ) >"$OUT/gpu0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 200 python3 benchmarks/decode.py --sweep --skip-e2e
+  ) >"$OUT/gpu1.log" 2>&1 &
+  wait
+  ;;
+round3)
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --timeout 120 -rf >"$OUT/gpu_tests.log" 2>&1
+    tail -5 "$OUT/gpu_tests.log"
+  ) >"$OUT/gpu0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 120 python3 benchmarks/linear_profile.py
+    timeout 300 python3 benchmarks/decode.py --sweep
+  ) >"$OUT/gpu1.log" 2>&1 &
+  wait
+  ;;
+round4)
+  timeout 200 python3 benchmarks/ring.py --memory >"$OUT/ring_memory.log" 2>&1
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_linear.py --timeout 60 -rf 2>&1 | tail -4
+    timeout 100 python3 benchmarks/linear_profile.py
+    timeout 100 python3 benchmarks/linear_chunks.py
+  ) >"$OUT/gpu0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 200 python3 benchmarks/decode.py
+  ) >"$OUT/gpu1.log" 2>&1 &
+  wait
+  ;;
+round5)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  tail -3 "$OUT/ring_tests.log"
+  timeout 150 python3 benchmarks/ring.py --no-tiles --lengths 65536,131072 --budget 120 >"$OUT/ring.log" 2>&1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 200 python3 benchmarks/ring.py --memory \
+    --lengths 1048576,1310720,1572864,2097152,2621440,3145728 >"$OUT/ring_memory.log" 2>&1
+  ;;
+round6|round7)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_linear.py --timeout 100 -rf 2>&1 | tail -25
+  timeout 150 python3 benchmarks/linear_chunks.py
+  ;;
 ring)
-  timeout 240 python3 benchmarks/ring.py --budget 200 >"$OUT/ring.log" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1
   ;;
 esac
 tail -n 25 "$OUT"/*.log
