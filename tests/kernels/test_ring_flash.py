@@ -9,6 +9,7 @@ check the cuDNN pair kernels against the XLA ones and the ring over two GPUs.
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +225,37 @@ def test_cudnn_ring_on_two_gpus(layout: RingLayout) -> None:
     want = jax.grad(lambda *a: _weighted_sum(standard(*a)), argnums=(0, 1, 2))(*f32)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert relative_error(g, w) < 3e-2, name
+
+
+@pytest.mark.parametrize(
+    ("dtype", "mod", "layout", "masked", "expected"),
+    [
+        (jnp.bfloat16, "causal", "zigzag", False, (True, None)),
+        (jnp.bfloat16, None, "striped", False, (False, None)),
+        (jnp.bfloat16, "causal", "striped", False, "striped"),
+        (jnp.bfloat16, "window", "zigzag", False, "score mod"),
+        (jnp.bfloat16, "causal", "zigzag", True, "key-padding mask"),
+        (jnp.float32, "causal", "zigzag", False, "bf16/fp16"),
+    ],
+)
+def test_fused_pair_plan_on_a_hopper(
+    dtype: Any,
+    mod: str | None,
+    layout: str,
+    masked: bool,
+    expected: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dispatch rule, with the GPU query answered as an H100 would."""
+    from attnax._mods import sliding_window_mod
+    from attnax.kernels import _ring
+
+    monkeypatch.setattr(_ring, "cuda_compute_capability", lambda: (9, 0))
+    q, k, v = (x.astype(dtype) for x in random_qkv(5, num_heads=4, num_kv_heads=2, seq_q=16))
+    score_mod = {"causal": causal_mod(), "window": sliding_window_mod(4), None: None}[mod]
+    mask = jnp.ones((2, 1, 1, 16), bool) if masked else None
+    plan = _ring._fused_pair_plan(q, k, v, mask=mask, score_mod=score_mod, layout=layout)
+    if isinstance(expected, tuple):
+        assert plan == expected
+    else:
+        assert plan[1] is not None and expected in plan[1]
