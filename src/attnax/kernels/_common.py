@@ -2,7 +2,7 @@
 
 import math
 from collections.abc import Hashable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +149,38 @@ def safe_row_max(scores: Float[Array, "*rows S"]) -> Float[Array, "*rows 1"]:
 def safe_normaliser(denominator: Float[Array, "*rows"]) -> Float[Array, "*rows"]:
     """A softmax denominator with empty rows mapped to 1, so their output is exactly zero."""
     return jnp.where(denominator > 0.0, denominator, 1.0)
+
+
+def merge_partials(
+    out: Float[Array, "*rows D"],
+    lse: Float[Array, "*rows"],
+    part_out: Float[Array, "*rows D"],
+    part_lse: Float[Array, "*rows"],
+) -> tuple[Float[Array, "*rows D"], Float[Array, "*rows"]]:
+    """Exact merge of two normalised partial softmax results through their log-sum-exps.
+
+    ``out`` (float32) and ``part_out`` are each normalised over their own keys; rows where both
+    are empty (log-sum-exp -inf) stay zero with log-sum-exp -inf.
+    """
+    top = jnp.maximum(lse, part_lse)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w_old = jnp.exp(lse - top)
+    w_new = jnp.exp(part_lse - top)
+    total = w_old + w_new
+    merged_lse = jnp.where(total > 0.0, top + jnp.log(safe_normaliser(total)), -jnp.inf)
+    merged = (out * w_old[..., None] + part_out.astype(out.dtype) * w_new[..., None]) / (
+        safe_normaliser(total)[..., None]
+    )
+    return merged, merged_lse
+
+
+def rotate_ring(tree: Any, axis_name: Hashable, num_shards: int) -> Any:
+    """Send every leaf to the next device of the ring over ``axis_name`` (i -> i + 1)."""
+    perm = [(j, (j + 1) % num_shards) for j in range(num_shards)]
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.ppermute(x, axis_name, perm),  # type: ignore[no-untyped-call]
+        tree,
+    )
 
 
 def varying_axes(*arrays: Array) -> frozenset[Hashable]:

@@ -25,13 +25,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from ._decode import _gpu_compiler_params, _is_power_of_two
+
 __all__ = ["fused_causal_forward", "fused_unsupported_reason"]
 
 _MAX_TILE = 256
-
-
-def _is_power_of_two(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
 
 
 def fused_unsupported_reason(*, dtype: Any, head_dim: int, chunk: int) -> str | None:
@@ -103,11 +101,7 @@ NUM_WARPS = {"states": 8, "outputs": 8}
 
 
 def _compiler_params(kernel: str, interpret: bool) -> Any:
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=NUM_WARPS[kernel], num_stages=1)
+    return _gpu_compiler_params(NUM_WARPS[kernel], 1, interpret)
 
 
 def _chunk_states(

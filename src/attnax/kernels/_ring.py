@@ -50,6 +50,8 @@ from ._common import (
     check_mask,
     check_qkv,
     default_scale,
+    merge_partials,
+    rotate_ring,
     safe_normaliser,
     vary_like,
 )
@@ -476,9 +478,7 @@ def _pair_forward(
             jnp.zeros((batch, num_kv_heads, group, bq), acc_dtype) + zero,
         )
 
-        def update(
-            carry: tuple[Array, Array, Array], kj: Array
-        ) -> tuple[Array, Array, Array]:
+        def update(carry: tuple[Array, Array, Array], kj: Array) -> tuple[Array, Array, Array]:
             acc, row_max, row_sum = carry
             mask_tile = None if pair.mask_tiles is None else pair.mask_tiles[kj]
             scores = _tile_scores(
@@ -592,12 +592,17 @@ def _pair_backward(
                 preferred_element_type=acc_dtype,
             )
             dp = jnp.einsum(
-                "bkgqd,bksd->bkgqs", do_tile.astype(in_dtype), v_tile, preferred_element_type=acc_dtype
+                "bkgqd,bksd->bkgqs",
+                do_tile.astype(in_dtype),
+                v_tile,
+                preferred_element_type=acc_dtype,
             )
             d_scores = weights * (dp - delta_tile[..., None])
             d_raw, d_floats = mods_vjp(d_scores)
             d_raw = (d_raw * jnp.asarray(cfg.scale, acc_dtype)).astype(in_dtype)
-            dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", d_raw, k_tile, preferred_element_type=acc_dtype)
+            dq = dq + jnp.einsum(
+                "bkgqs,bksd->bkgqd", d_raw, k_tile, preferred_element_type=acc_dtype
+            )
             dk = jnp.einsum("bkgqs,bkgqd->bksd", d_raw, q_tile, preferred_element_type=acc_dtype)
             dk_all = dk_all.at[kj].add(dk)
             dv_all = dv_all.at[kj].add(dv)
@@ -637,31 +642,6 @@ def _pair_backward(
 # --------------------------------------------------------------------------- the ring
 
 
-def _merge(
-    out: Array, lse: Array, part_out: Array, part_lse: Array
-) -> tuple[Array, Array]:
-    """Exact merge of two normalised partial softmax results through their log-sum-exps."""
-    top = jnp.maximum(lse, part_lse)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w_old = jnp.exp(lse - top)
-    w_new = jnp.exp(part_lse - top)
-    total = w_old + w_new
-    merged_lse = jnp.where(total > 0.0, top + jnp.log(safe_normaliser(total)), -jnp.inf)
-    merged = (out * w_old[..., None] + part_out * w_new[..., None]) / safe_normaliser(total)[
-        ..., None
-    ]
-    return merged, merged_lse
-
-
-def _rotate(cfg: _Static, tree: Any) -> Any:
-    """Send every leaf to the next device of the ring (device i -> i + 1)."""
-    perm = [(j, (j + 1) % cfg.num_shards) for j in range(cfg.num_shards)]
-    return jax.tree_util.tree_map(
-        lambda x: jax.lax.ppermute(x, cfg.axis_name, perm),  # type: ignore[no-untyped-call]
-        tree,
-    )
-
-
 def _ring_forward(
     cfg: _Static,
     q: Float[Array, "B Hk G T D"],
@@ -681,7 +661,7 @@ def _ring_forward(
         # Issue the next transfer first: it does not depend on this step's compute, so XLA can
         # overlap it. (The last step's transfer only brings K/V home; it costs no extra time
         # while it overlaps the last compute, and keeps one compiled loop body for any P.)
-        upcoming = _rotate(cfg, visiting)
+        upcoming = rotate_ring(visiting, cfg.axis_name, cfg.num_shards)
         source = (me - step) % cfg.num_shards
         kv_pos = _shard_positions(cfg.layout, source, cfg.num_shards, seq_kv)
         pair = _Pair(cfg, q, visiting[0], visiting[1], visiting[2], q_pos, kv_pos, mod_arrays)
@@ -698,7 +678,7 @@ def _ring_forward(
                     jnp.full(q.shape[:-1], -jnp.inf, acc_dtype) + pair.zero,
                 ),
             )
-        out, lse = _merge(out, lse, part_out, part_lse)
+        out, lse = merge_partials(out, lse, part_out, part_lse)
         return (upcoming, out, lse), None
 
     init = (
@@ -730,7 +710,7 @@ def _ring_backward(
 
     def ring_step(carry: Any, step: Array) -> tuple[Any, None]:
         visiting, dq, dk, dv, dmods = carry
-        upcoming = _rotate(cfg, visiting)
+        upcoming = rotate_ring(visiting, cfg.axis_name, cfg.num_shards)
         source = (me - step) % cfg.num_shards
         kv_pos = _shard_positions(cfg.layout, source, cfg.num_shards, seq_kv)
         pair = _Pair(cfg, q, visiting[0], visiting[1], visiting[2], q_pos, kv_pos, mod_arrays)
@@ -754,7 +734,11 @@ def _ring_backward(
         dq = dq + part_dq
         dmods = [a + b for a, b in zip(dmods, part_mods, strict=True)]
         # dK/dV travel with their key/value shard; after P hops they are home again.
-        dk, dv = _rotate(cfg, (dk + part_dk[:, :, :seq_kv], dv + part_dv[:, :, :seq_kv]))
+        dk, dv = rotate_ring(
+            (dk + part_dk[:, :, :seq_kv], dv + part_dv[:, :, :seq_kv]),
+            cfg.axis_name,
+            cfg.num_shards,
+        )
         return (upcoming, dq, dk, dv, dmods), None
 
     init_mods = [
@@ -886,7 +870,10 @@ def _fused_pair_plan(
             "head_dim, and a score mod that is None or causal"
         )
     if plan.is_causal and layout not in ("contiguous", "zigzag"):
-        return False, f"causal pairs are planned for the contiguous and zigzag layouts, not {layout}"
+        return (
+            False,
+            f"causal pairs are planned for the contiguous and zigzag layouts, not {layout}",
+        )
     return plan.is_causal, None
 
 
@@ -1273,4 +1260,3 @@ def sharded_ring_attention(
     )
     out = mapped(q, k, v, mask_in)
     return from_ring_layout(out, num_shards, layout)
-

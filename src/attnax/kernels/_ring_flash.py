@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._common import safe_normaliser, vary_like, varying_axes
+from ._common import merge_partials, rotate_ring, vary_like, varying_axes
 
 __all__ = ["PairImpl", "cudnn_pairs_available", "flash_ring"]
 
@@ -193,27 +193,8 @@ _BACKWARD: dict[str, Callable[..., tuple[Array, Array, Array]]] = {
 # --------------------------------------------------------------------------- ring schedule
 
 
-def _rotate(cfg: _RingConfig, tree: Any) -> Any:
-    """Send every leaf to the next device of the ring (device i -> i + 1)."""
-    perm = [(j, (j + 1) % cfg.num_shards) for j in range(cfg.num_shards)]
-    return jax.tree_util.tree_map(
-        lambda x: jax.lax.ppermute(x, cfg.axis_name, perm),  # type: ignore[no-untyped-call]
-        tree,
-    )
-
-
-def _merge(out: Array, lse: Array, part_out: Array, part_lse: Array) -> tuple[Array, Array]:
-    """Exact float32 merge of two normalised partial results through their log-sum-exps."""
-    top = jnp.maximum(lse, part_lse)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w_old = jnp.exp(lse - top)
-    w_new = jnp.exp(part_lse - top)
-    total = w_old + w_new
-    merged = (out * w_old[..., None] + part_out.astype(out.dtype) * w_new[..., None]) / (
-        safe_normaliser(total)[..., None]
-    )
-    merged_lse = jnp.where(total > 0.0, top + jnp.log(safe_normaliser(total)), -jnp.inf)
-    return merged, merged_lse
+def _rotate_pair(cfg: _RingConfig, tree: Any) -> Any:
+    return rotate_ring(tree, cfg.axis_name, cfg.num_shards)
 
 
 def _forward_step(
@@ -223,7 +204,7 @@ def _forward_step(
     forward = _FORWARD[cfg.pair]
 
     def full_pair(out: Array, lse: Array, k_s: Array, v_s: Array) -> tuple[Array, Array]:
-        return _merge(out, lse, *forward(q, k_s, v_s, causal=False, scale=cfg.scale))
+        return merge_partials(out, lse, *forward(q, k_s, v_s, causal=False, scale=cfg.scale))
 
     if not cfg.causal:
         return full_pair(out, lse, k_s, v_s)
@@ -237,11 +218,11 @@ def _forward_step(
 
     def first_key_chunk(out: Array, lse: Array, k_s: Array, v_s: Array) -> tuple[Array, Array]:
         part = forward(q, k_s[:, :, :half], v_s[:, :, :half], causal=False, scale=cfg.scale)
-        return _merge(out, lse, *part)
+        return merge_partials(out, lse, *part)
 
     def second_query_chunk(out: Array, lse: Array, k_s: Array, v_s: Array) -> tuple[Array, Array]:
         part = forward(q[:, :, half:], k_s, v_s, causal=False, scale=cfg.scale)
-        merged, merged_lse = _merge(out[:, :, half:], lse[:, :, half:], *part)
+        merged, merged_lse = merge_partials(out[:, :, half:], lse[:, :, half:], *part)
         return (
             jnp.concatenate([out[:, :, :half], merged], axis=2),
             jnp.concatenate([lse[:, :, :half], merged_lse], axis=2),
@@ -258,7 +239,7 @@ def _ring_forward(cfg: _RingConfig, q: Array, k: Array, v: Array) -> tuple[Array
     for step in range(1, cfg.num_shards):
         # Device i now holds the shard of device (i - step) mod P, an earlier shard (j < i)
         # exactly when step <= i.
-        visiting = _rotate(cfg, visiting)
+        visiting = _rotate_pair(cfg, visiting)
         k_s, v_s = visiting
         out, lse = _forward_step(cfg, me >= step, q, k_s, v_s, out, lse)
     return out, lse
@@ -336,10 +317,10 @@ def _ring_backward(
     dq, dk_dv = dq.astype(f32), (dk.astype(travel), dv.astype(travel))
     visiting = (k, v)
     for step in range(1, cfg.num_shards):
-        visiting = _rotate(cfg, visiting)
+        visiting = _rotate_pair(cfg, visiting)
         # The visiting shard's dK/dV accumulators arrive from the previous device while this
         # step computes: they are added after the pair kernel, not fed into it.
-        arriving = _rotate(cfg, dk_dv)
+        arriving = _rotate_pair(cfg, dk_dv)
         k_s, v_s = visiting
         dq, pdk, pdv = _backward_step(cfg, me >= step, (q, out, lse, d_out), k_s, v_s, dq)
         dk_dv = (
@@ -347,7 +328,7 @@ def _ring_backward(
             (arriving[1].astype(f32) + pdv.astype(f32)).astype(travel),
         )
     # After the last step the accumulators sit one device short of home.
-    dk, dv = _rotate(cfg, dk_dv) if cfg.num_shards > 1 else dk_dv
+    dk, dv = _rotate_pair(cfg, dk_dv) if cfg.num_shards > 1 else dk_dv
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
