@@ -34,7 +34,6 @@ failure does not hide the others) and the ratios FLASH/cuDNN, XLA/MEMEFF and FLA
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -99,10 +98,6 @@ def make_impl(name: str, causal: bool, window: int | None) -> tuple[Callable[...
 def _sync(tree: Any) -> Any:
     """``jax.block_until_ready`` (untyped in jax's stubs)."""
     return jax.block_until_ready(tree)  # type: ignore[no-untyped-call]
-
-
-def linear_available() -> bool:
-    return importlib.util.find_spec("attnax.kernels._linear") is not None
 
 
 # --------------------------------------------------------------------------- measuring
@@ -301,24 +296,23 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "mode": mode,
                 }
             )
-    if linear_available():
-        long_batch, long_seq = shapes[-1]
-        for mode in modes:
-            for impl in ("cudnn", "flash_bthd", "linear"):
-                runs.append(
-                    {
-                        "group": "linear",
-                        "impl": impl,
-                        "batch": long_batch,
-                        "seq": long_seq,
-                        "heads": heads,
-                        "kv_heads": heads,
-                        "dim": dim,
-                        "causal": True,
-                        "window": None,
-                        "mode": mode,
-                    }
-                )
+    long_batch, long_seq = shapes[-1]
+    for mode in modes:
+        for impl in ("cudnn", "flash_bthd", "linear"):
+            runs.append(
+                {
+                    "group": "linear",
+                    "impl": impl,
+                    "batch": long_batch,
+                    "seq": long_seq,
+                    "heads": heads,
+                    "kv_heads": heads,
+                    "dim": dim,
+                    "causal": True,
+                    "window": None,
+                    "mode": mode,
+                }
+            )
     huge = 512 if args.smoke else args.long_seq
     for impl in ("cudnn", "memeff", "xla"):
         runs.append(

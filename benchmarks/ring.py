@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attnax._mods import causal_mod
+from attnax.kernels._flash import flash_attention
 from attnax.kernels._memory_efficient import memory_efficient_attention
 from attnax.kernels._ring import ring_attention
 
@@ -76,21 +77,12 @@ def with_grad(fn: Callable[..., jax.Array]) -> Callable[..., Any]:
 
 
 def single_gpu_kernels(block_size: int) -> dict[str, Callable[..., jax.Array]]:
-    kernels: dict[str, Callable[..., jax.Array]] = {
+    return {
+        "flash_cudnn": lambda q, k, v: flash_attention(q, k, v, score_mod=causal_mod()),
         "memory_efficient": lambda q, k, v: memory_efficient_attention(
             q, k, v, score_mod=causal_mod(), block_size=block_size
         ),
     }
-    try:
-        from attnax.kernels._flash import flash_attention
-    except ModuleNotFoundError as error:  # the flash kernel is another helper's file
-        print(f"flash_attention unavailable: {error}", flush=True)
-    else:
-        kernels = {
-            "flash_cudnn": lambda q, k, v: flash_attention(q, k, v, score_mod=causal_mod()),
-            **kernels,
-        }
-    return kernels
 
 
 def run_config(

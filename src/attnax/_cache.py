@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import checkify
 from jaxtyping import Array, Bool, Float, Int
 
-from ._checks import shape_checks_enabled
+from ._checks import positive_int, shape_checks_enabled
 from ._mods import (
     AndMask,
     CausalMask,
@@ -78,12 +78,6 @@ __all__ = [
 def _is_concrete(*values: Any) -> bool:
     """True when no value is a tracer (eager code, or Python ints under jit)."""
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(values))
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return int(value)
 
 
 def _overflow_check(fits: Bool[Array, " B"], capacity: int, requested: Int[Array, " B"]) -> None:
@@ -180,7 +174,7 @@ def init_kv_layer_cache(
         (head_dim, "head_dim"),
         (max_len, "max_len"),
     ):
-        _positive_int(value, name)
+        positive_int(value, name)
     shape = (batch_size, num_kv_heads, max_len, head_dim)
     return KVLayerCache(
         keys=jnp.zeros(shape, dtype),
@@ -437,7 +431,7 @@ def init_paged_kv_cache(
         (batch_size, "batch_size"),
         (max_blocks_per_seq, "max_blocks_per_seq"),
     ):
-        _positive_int(value, name)
+        positive_int(value, name)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     return PagedKVCache(
         key_pool=jnp.zeros(shape, dtype),
@@ -829,9 +823,9 @@ class BlockAllocator:
     """
 
     def __init__(self, num_blocks: int, *, block_size: int, max_blocks_per_seq: int) -> None:
-        self.num_blocks = _positive_int(num_blocks, "num_blocks")
-        self.block_size = _positive_int(block_size, "block_size")
-        self.max_blocks_per_seq = _positive_int(max_blocks_per_seq, "max_blocks_per_seq")
+        self.num_blocks = positive_int(num_blocks, "num_blocks")
+        self.block_size = positive_int(block_size, "block_size")
+        self.max_blocks_per_seq = positive_int(max_blocks_per_seq, "max_blocks_per_seq")
         self._free: collections.deque[int] = collections.deque(range(num_blocks))
         self._owned: dict[int, list[int]] = {}
 
@@ -1161,7 +1155,7 @@ def cache_positions(cache: KVLayerCache | PagedKVCache, num_new: int) -> Int[Arr
       >>> attnax.cache_positions(cache, 2).tolist()  # rows now hold 3 and 6 tokens
       [[3, 4], [6, 7]]
     """
-    _positive_int(num_new, "num_new")
+    positive_int(num_new, "num_new")
     length = cache.length if isinstance(cache, KVLayerCache) else cache.seq_lengths
     return length[:, None] + jnp.arange(num_new, dtype=length.dtype)[None, :]
 
@@ -1222,17 +1216,6 @@ def _mask_score_mod(
     if attention_window is not None:
         masks.append(OffsetMask(SlidingWindowMask(attention_window), q_offset=q_offset))
     return MaskScoreMod(AndMask(tuple(masks)))
-
-
-def _check_window(attention_window: int | None, name: str) -> None:
-    if attention_window is not None and (
-        isinstance(attention_window, bool)
-        or not isinstance(attention_window, int)
-        or attention_window < 1
-    ):
-        raise ValueError(
-            f"{name}: `attention_window` must be a positive int, got {attention_window!r}."
-        )
 
 
 def attend_with_cache(
@@ -1306,7 +1289,8 @@ def attend_with_cache(
       [4]
     """
     name = "attend_with_cache"
-    _check_window(attention_window, name)
+    if attention_window is not None:
+        positive_int(attention_window, "attention_window", caller=name)
     if (
         query.ndim != 4
         or keys_new.ndim != 4

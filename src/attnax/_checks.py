@@ -15,14 +15,25 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import beartype
 import jaxtyping
+import numpy as np
 
 __all__ = [
     "check_attention_output",
     "check_head_grouping",
+    "positive_int",
     "shape_checked",
     "shape_checks",
     "shape_checks_enabled",
 ]
+
+def positive_int(value: int, argument: str, *, caller: str | None = None) -> int:
+    """``value`` as an int if it is a positive integer (not a bool), else a ValueError naming
+    ``argument`` (and the ``caller``, when given)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        where = f"{caller}: " if caller else ""
+        raise ValueError(f"{where}`{argument}` must be a positive int, got {value!r}.")
+    return int(value)
+
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

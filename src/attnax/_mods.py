@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Int8
 
+from ._checks import positive_int
 from ._typing import AttentionMask, MaskMod, ScoreIndex, ScoreMod, Scores
 
 __all__ = [
@@ -66,12 +67,6 @@ BLOCK_PARTIAL = 1  # some pairs allowed: evaluate the mask element-wise
 BLOCK_FULL = 2  # every real pair allowed: skip the mask evaluation
 
 _Offset = int | Int[Array, "#B"]
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return value
 
 
 @runtime_checkable
@@ -137,7 +132,7 @@ class SlidingWindowMask:
     causal: bool = dataclasses.field(default=True, metadata={"static": True})
 
     def __post_init__(self) -> None:
-        _positive_int(self.window_size, "window_size")
+        positive_int(self.window_size, "window_size")
 
     def __call__(
         self, b_idx: ScoreIndex, h_idx: ScoreIndex, q_idx: ScoreIndex, kv_idx: ScoreIndex, /
@@ -373,7 +368,7 @@ class AlibiMod:
     num_heads: int = dataclasses.field(metadata={"static": True})
 
     def __post_init__(self) -> None:
-        _positive_int(self.num_heads, "num_heads")
+        positive_int(self.num_heads, "num_heads")
 
     def slope(self, h_idx: ScoreIndex) -> Float[Array, "*#tile"]:
         power = 2 ** math.floor(math.log2(self.num_heads))
@@ -899,7 +894,7 @@ def mask_mod_to_boolean_mask(
       [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
     """
     for value, name in ((batch, "batch"), (num_heads, "num_heads"), (seq_q, "seq_q"), (seq_kv, "seq_kv")):
-        _positive_int(value, name)
+        positive_int(value, name)
     b, h, q, kv = _tile_indices(batch, num_heads, seq_q, seq_kv)
     allowed = jnp.asarray(mask_mod(b, h, q, kv), dtype=bool)
     return jnp.broadcast_to(allowed, (batch, num_heads, seq_q, seq_kv))
@@ -925,7 +920,7 @@ def make_causal_mask(seq: int) -> Bool[Array, "1 1 T T"]:
       >>> mask[0, 0].astype(int).tolist()
       [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     """
-    _positive_int(seq, "seq")
+    positive_int(seq, "seq")
     return mask_mod_to_boolean_mask(CausalMask(), batch=1, num_heads=1, seq_q=seq, seq_kv=seq)
 
 
@@ -951,7 +946,7 @@ def make_sliding_window_mask(
       >>> mask[0, 0].astype(int).tolist()
       [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]
     """
-    _positive_int(seq, "seq")
+    positive_int(seq, "seq")
     return mask_mod_to_boolean_mask(
         SlidingWindowMask(window_size, causal), batch=1, num_heads=1, seq_q=seq, seq_kv=seq
     )

@@ -40,7 +40,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from .._checks import shape_checked
+from .._checks import positive_int, shape_checked
 from .._mods import split_score_mod
 from .._typing import AttentionOutput, KeyArray, MaskMod, QueryArray, ScoreMod, ValueArray
 from ._common import accumulation_dtype, apply_score_mods, default_scale
@@ -235,18 +235,10 @@ def check_decode_arguments(
             f"{name}: `q_offset` must be an integer array of shape (batch,) = ({batch},), got "
             f"{q_offset.dtype}{list(q_offset.shape)}."
         )
-    if attention_window is not None and (
-        isinstance(attention_window, bool)
-        or not isinstance(attention_window, int)
-        or attention_window < 1
-    ):
-        raise ValueError(
-            f"{name}: `attention_window` must be a positive int, got {attention_window!r}."
-        )
-    if num_splits is not None and (
-        isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
-    ):
-        raise ValueError(f"{name}: `num_splits` must be a positive int, got {num_splits!r}.")
+    if attention_window is not None:
+        positive_int(attention_window, "attention_window", caller=name)
+    if num_splits is not None:
+        positive_int(num_splits, "num_splits", caller=name)
 
 
 def pallas_unsupported_reason(
@@ -444,7 +436,6 @@ def _pallas_contiguous(
     splits = num_splits or default_num_splits(batch, num_kv_heads, num_tiles)
     splits = min(splits, num_tiles)
     tiles_per_split = -(-num_tiles // splits)
-    q_rows = group_query_rows(query, num_kv_heads, rows)
     kernel = functools.partial(
         _decode_kernel,
         score_mod=score_mod,
@@ -457,32 +448,71 @@ def _pallas_contiguous(
         causal=causal,
         attention_window=attention_window,
     )
-    scalar_spec = pl.BlockSpec((1,), lambda b, h, s: (b,))
     kv_spec = pl.BlockSpec((None, None, cache_len, head_dim), lambda b, h, s: (b, h, 0, 0))
+    return run_split_kv(
+        kernel,
+        [(keys, kv_spec), (values, kv_spec)],
+        query=query,
+        lengths=lengths,
+        q_offset=q_offset,
+        num_kv_heads=num_kv_heads,
+        splits=splits,
+        rows=rows,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+        name="attnax_decode_attention",
+    )
+
+
+def run_split_kv(
+    kernel: Any,
+    cache_inputs: list[tuple[Array, Any]],
+    *,
+    query: QueryArray,
+    lengths: Int[Array, " B"],
+    q_offset: Int[Array, " B"],
+    num_kv_heads: int,
+    splits: int,
+    rows: int,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+    name: str,
+) -> AttentionOutput:
+    """Launch a split-KV kernel over (batch, kv_head, split) and merge its partials.
+
+    The kernel's operands are each row's length and first query position, the grouped query
+    rows, then ``cache_inputs`` ((array, BlockSpec) pairs: the contiguous cache, or the block
+    table and the pools); its outputs are the per-split float32 (out, max, sum) partials.
+    """
+    batch, num_heads, seq_q, head_dim = query.shape
+    row_scalar = pl.BlockSpec((1,), lambda b, h, s: (b,))
+    q_spec = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))
+    partial_shape = (batch, num_kv_heads, splits, rows)
     out, row_max, row_sum = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, splits),
-        in_specs=[
-            scalar_spec,
-            scalar_spec,
-            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            kv_spec,
-            kv_spec,
-        ],
+        in_specs=[row_scalar, row_scalar, q_spec, *(spec for _, spec in cache_inputs)],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),  # type: ignore[no-untyped-call]
         ],
         compiler_params=_gpu_compiler_params(num_warps, num_stages, interpret),
         interpret=interpret,
-        name="attnax_decode_attention",
-    )(lengths.astype(jnp.int32), q_offset.astype(jnp.int32), q_rows, keys, values)
+        name=name,
+    )(
+        lengths.astype(jnp.int32),
+        q_offset.astype(jnp.int32),
+        group_query_rows(query, num_kv_heads, rows),
+        *(array for array, _ in cache_inputs),
+    )
     merged = merge_splits(out, row_max, row_sum)
     return ungroup_rows(merged, num_heads, seq_q).astype(query.dtype)
 

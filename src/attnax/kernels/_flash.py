@@ -20,14 +20,13 @@ Everything else routes elsewhere (see :func:`flash_attention`).
 """
 
 import dataclasses
-import importlib.util
 from typing import Any, Literal, TypeAlias
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._checks import shape_checked
+from .._checks import positive_int, shape_checked
 from .._mods import (
     AdditiveBiasMod,
     AndMask,
@@ -48,6 +47,7 @@ from .._typing import (
 )
 from ._common import check_dropout, check_mask, check_qkv, default_scale
 from ._memory_efficient import memory_efficient_attention
+from ._pallas_flash import pallas_flash_attention
 
 __all__ = ["flash_attention", "flash_attention_bthd"]
 
@@ -57,7 +57,6 @@ ValueBTHD: TypeAlias = Float[Array, "B S Hk D"]
 OutputBTHD: TypeAlias = Float[Array, "B T H D"]
 
 _HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_PALLAS_MODULE = "attnax.kernels._pallas_flash"
 
 
 # --------------------------------------------------------------------------- planning
@@ -220,10 +219,6 @@ def _call_dot_product_attention(
 # --------------------------------------------------------------------------- dispatch
 
 
-def _pallas_available() -> bool:
-    return importlib.util.find_spec(_PALLAS_MODULE) is not None
-
-
 def _fallback_bhtd(
     query: jax.Array,
     key: jax.Array,
@@ -240,9 +235,7 @@ def _fallback_bhtd(
 ) -> jax.Array:
     """Pallas flash on an NVIDIA GPU for half-precision inputs, memory-efficient otherwise."""
     half = jnp.dtype(query.dtype) in _HALF_DTYPES
-    if on_cuda and half and _pallas_available():
-        from ._pallas_flash import pallas_flash_attention
-
+    if on_cuda and half:
         return pallas_flash_attention(
             query,
             key,
@@ -297,12 +290,72 @@ def _cudnn_plan_for(
     return plan, capability is not None
 
 
-def _check_block_size(block_size: int, name: str) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{name}: `block_size` must be a positive int, got {block_size!r}.")
-
-
 # --------------------------------------------------------------------------- public
+
+
+def _flash(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    layout: Literal["bhtd", "bthd"],
+    mask: AttentionMask | None,
+    score_mod: ScoreMod | None,
+    dropout_rng: PRNGKeyArray | None,
+    dropout_rate: float,
+    deterministic: bool,
+    block_size: int,
+    scale: float | None,
+    name: str,
+) -> jax.Array:
+    """Both public entry points: cuDNN runs in (B, T, H, D), the fallbacks in (B, H, T, D);
+    the arrays are transposed only for the path that needs the other layout."""
+    check_qkv(query, key, value, name=name, layout=layout)
+    check_mask(mask, query, key, name=name, layout=layout)
+    dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
+    positive_int(block_size, "block_size", caller=name)
+    seq_axis = 2 if layout == "bhtd" else 1
+    plan, on_cuda = _cudnn_plan_for(
+        query,
+        key,
+        value,
+        seq_q=query.shape[seq_axis],
+        seq_kv=key.shape[seq_axis],
+        score_mod=score_mod,
+        dropout_active=dropout_active,
+        name=name,
+    )
+
+    def swap(x: jax.Array) -> jax.Array:
+        return jnp.swapaxes(x, 1, 2)
+
+    if plan is None:
+        to_bhtd = swap if layout == "bthd" else (lambda x: x)
+        out = _fallback_bhtd(
+            to_bhtd(query),
+            to_bhtd(key),
+            to_bhtd(value),
+            mask=mask,
+            score_mod=score_mod,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            deterministic=deterministic,
+            block_size=block_size,
+            scale=scale,
+            on_cuda=on_cuda,
+        )
+        return to_bhtd(out)
+    to_bthd = swap if layout == "bhtd" else (lambda x: x)
+    out = _call_dot_product_attention(
+        to_bthd(query),
+        to_bthd(key),
+        to_bthd(value),
+        mask=mask,
+        plan=plan,
+        scale=default_scale(query.shape[-1], scale),
+        implementation="cudnn",
+    )
+    return to_bthd(out)
 
 
 @shape_checked
@@ -366,45 +419,21 @@ def flash_attention(
       >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
       ((1, 2, 8, 4), True)
     """
-    name = "flash_attention"
-    check_qkv(query, key, value, name=name)
-    check_mask(mask, query, key, name=name)
-    dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
-    _check_block_size(block_size, name)
-    plan, on_cuda = _cudnn_plan_for(
+    out: AttentionOutput = _flash(
         query,
         key,
         value,
-        seq_q=query.shape[2],
-        seq_kv=key.shape[2],
-        score_mod=score_mod,
-        dropout_active=dropout_active,
-        name=name,
-    )
-    if plan is None:
-        return _fallback_bhtd(
-            query,
-            key,
-            value,
-            mask=mask,
-            score_mod=score_mod,
-            dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate,
-            deterministic=deterministic,
-            block_size=block_size,
-            scale=scale,
-            on_cuda=on_cuda,
-        )
-    out = _call_dot_product_attention(
-        jnp.swapaxes(query, 1, 2),
-        jnp.swapaxes(key, 1, 2),
-        jnp.swapaxes(value, 1, 2),
+        layout="bhtd",
         mask=mask,
-        plan=plan,
-        scale=default_scale(query.shape[-1], scale),
-        implementation="cudnn",
+        score_mod=score_mod,
+        dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate,
+        deterministic=deterministic,
+        block_size=block_size,
+        scale=scale,
+        name="flash_attention",
     )
-    return jnp.swapaxes(out, 1, 2)
+    return out
 
 
 @shape_checked(head_axis=2)
@@ -429,43 +458,18 @@ def flash_attention_bthd(
     Arguments, paths and errors are those of :func:`flash_attention`; shapes are checked by
     jaxtyping (``"B T H D"``, ``"B S Hk D"``) when shape checks are on.
     """
-    name = "flash_attention_bthd"
-    check_qkv(query, key, value, name=name, layout="bthd")
-    check_mask(mask, query, key, name=name, layout="bthd")
-    dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
-    _check_block_size(block_size, name)
-    plan, on_cuda = _cudnn_plan_for(
+    out: OutputBTHD = _flash(
         query,
         key,
         value,
-        seq_q=query.shape[1],
-        seq_kv=key.shape[1],
-        score_mod=score_mod,
-        dropout_active=dropout_active,
-        name=name,
-    )
-    if plan is None:
-        out = _fallback_bhtd(
-            jnp.swapaxes(query, 1, 2),
-            jnp.swapaxes(key, 1, 2),
-            jnp.swapaxes(value, 1, 2),
-            mask=mask,
-            score_mod=score_mod,
-            dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate,
-            deterministic=deterministic,
-            block_size=block_size,
-            scale=scale,
-            on_cuda=on_cuda,
-        )
-        return jnp.swapaxes(out, 1, 2)
-    out_bthd: OutputBTHD = _call_dot_product_attention(
-        query,
-        key,
-        value,
+        layout="bthd",
         mask=mask,
-        plan=plan,
-        scale=default_scale(query.shape[-1], scale),
-        implementation="cudnn",
+        score_mod=score_mod,
+        dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate,
+        deterministic=deterministic,
+        block_size=block_size,
+        scale=scale,
+        name="flash_attention_bthd",
     )
-    return out_bthd
+    return out

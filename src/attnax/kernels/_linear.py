@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from .._checks import shape_checked
+from .._checks import positive_int, shape_checked
 from .._typing import (
     AttentionMask,
     AttentionOutput,
@@ -61,6 +61,18 @@ def key_padding_mask(
             "for general masks."
         )
     return jnp.broadcast_to(mask[:, 0, 0, :], (query.shape[0], key.shape[2]))
+
+
+def refuse_weight_dropout(
+    dropout_rate: float, dropout_rng: Array | None, deterministic: bool, *, name: str
+) -> None:
+    """Validate the dropout arguments; active dropout is NotImplementedError (no weights)."""
+    if check_dropout(dropout_rate, dropout_rng, deterministic, name=name):
+        raise NotImplementedError(
+            f"{name} does not implement attention dropout (there are no attention weights to "
+            "drop); pass deterministic=True or dropout_rate=0.0, and use dropout on the output "
+            "projection, or standard_attention for dropout on the weights."
+        )
 
 
 def check_causal_lengths(causal: bool, seq_q: int, seq_kv: int, *, name: str) -> None:
@@ -374,12 +386,7 @@ def linear_attention(
     name = "linear_attention"
     check_qkv(query, key, value, name=name)
     key_mask = key_padding_mask(mask, query, key, name=name)
-    if check_dropout(dropout_rate, dropout_rng, deterministic, name=name):
-        raise NotImplementedError(
-            f"{name} does not implement attention dropout (there are no attention weights to "
-            "drop); pass deterministic=True or dropout_rate=0.0, and use dropout on the output "
-            "projection, or standard_attention for dropout on the weights."
-        )
+    refuse_weight_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     if score_mod is not None:
         raise NotImplementedError(
             f"{name} does not support `score_mod`: it never forms the (seq_q, seq_kv) scores a "
@@ -387,8 +394,7 @@ def linear_attention(
             "state). Use causal=True for causal masking and `mask` for key padding, or a "
             "softmax kernel (standard_attention, memory_efficient_attention) for score mods."
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{name}: `chunk_size` must be a positive int, got {chunk_size!r}.")
+    positive_int(chunk_size, "chunk_size", caller=name)
     seq_q, seq_kv = query.shape[2], key.shape[2]
     check_causal_lengths(causal, seq_q, seq_kv, name=name)
     if causal and seq_q > chunk_size and seq_q % chunk_size != 0:

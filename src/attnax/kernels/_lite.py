@@ -29,8 +29,8 @@ from .._typing import (
     ScoreMod,
     ValueArray,
 )
-from ._common import accumulation_dtype, check_dropout, check_qkv
-from ._linear import check_causal_lengths, key_padding_mask
+from ._common import accumulation_dtype, check_qkv
+from ._linear import check_causal_lengths, key_padding_mask, refuse_weight_dropout
 
 __all__ = ["lite_attention"]
 
@@ -184,12 +184,7 @@ def lite_attention(
     name = "lite_attention"
     check_qkv(query, key, value, name=name)
     key_mask = key_padding_mask(mask, query, key, name=name)
-    if check_dropout(dropout_rate, dropout_rng, deterministic, name=name):
-        raise NotImplementedError(
-            f"{name} does not implement attention dropout (there are no attention weights to "
-            "drop); pass deterministic=True or dropout_rate=0.0, and use dropout on the output "
-            "projection, or standard_attention for dropout on the weights."
-        )
+    refuse_weight_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     if score_mod is not None:
         raise NotImplementedError(
             f"{name} does not support `score_mod`: it has no (seq_q, seq_kv) dot-product scores "

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._checks import shape_checked
+from .._checks import positive_int, shape_checked
 from .._mods import (
     BLOCK_EMPTY,
     BLOCK_FULL,
@@ -705,8 +705,7 @@ def memory_efficient_attention(
     check_qkv(query, key, value, name=_NAME)
     check_mask(mask, query, key, name=_NAME)
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=_NAME)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{_NAME}: `block_size` must be a positive int, got {block_size!r}.")
+    positive_int(block_size, "block_size", caller=_NAME)
     seq_q, head_dim = query.shape[2], query.shape[3]
     seq_kv = key.shape[2]
     mask_mod, value_mod = split_score_mod(score_mod)

@@ -26,17 +26,14 @@ from .._typing import AttentionOutput, QueryArray, ScoreMod
 from ._common import default_scale
 from ._decode import (
     MIN_ROWS,
-    _gpu_compiler_params,
     _is_power_of_two,
     _next_power_of_two,
     check_decode_arguments,
     default_num_splits,
-    group_query_rows,
-    merge_splits,
     pallas_unsupported_reason,
     resolve_use_pallas,
+    run_split_kv,
     split_kv_body,
-    ungroup_rows,
     xla_decode_loop,
 )
 
@@ -46,8 +43,8 @@ __all__ = ["paged_decode_attention"]
 def _paged_kernel(
     length_ref: Any,
     q_offset_ref: Any,
-    table_ref: Any,
     q_ref: Any,
+    table_ref: Any,
     k_ref: Any,
     v_ref: Any,
     out_ref: Any,
@@ -128,7 +125,6 @@ def _pallas_paged(
     splits = min(splits, num_steps_total)
     steps_per_split = -(-num_steps_total // splits)
     table = _pad_table(block_table, num_steps_total * pages_per_step)
-    q_rows = group_query_rows(query, num_kv_heads, rows)
     # (N, P, Hk, D) -> (N, P, Hk * D) is free; a block of D columns then selects one KV head.
     k_flat = key_pool.reshape(num_blocks, block_size, num_kv_heads * head_dim)
     v_flat = value_pool.reshape(num_blocks, block_size, num_kv_heads * head_dim)
@@ -145,35 +141,22 @@ def _pallas_paged(
         causal=causal,
         attention_window=attention_window,
     )
-    scalar_spec = pl.BlockSpec((1,), lambda b, h, s: (b,))
     pool_spec = pl.BlockSpec((num_blocks, block_size, head_dim), lambda b, h, s: (0, 0, h))
-    out, row_max, row_sum = pl.pallas_call(
+    table_spec = pl.BlockSpec((None, table.shape[1]), lambda b, h, s: (b, 0))
+    return run_split_kv(
         kernel,
-        grid=(batch, num_kv_heads, splits),
-        in_specs=[
-            scalar_spec,
-            scalar_spec,
-            pl.BlockSpec((None, table.shape[1]), lambda b, h, s: (b, 0)),
-            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pool_spec,
-            pool_spec,
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_kv_heads, splits, rows), jnp.float32),  # type: ignore[no-untyped-call]
-        ],
-        compiler_params=_gpu_compiler_params(num_warps, num_stages, interpret),
+        [(table, table_spec), (k_flat, pool_spec), (v_flat, pool_spec)],
+        query=query,
+        lengths=lengths,
+        q_offset=q_offset,
+        num_kv_heads=num_kv_heads,
+        splits=splits,
+        rows=rows,
+        num_warps=num_warps,
+        num_stages=num_stages,
         interpret=interpret,
         name="attnax_paged_decode_attention",
-    )(lengths.astype(jnp.int32), q_offset.astype(jnp.int32), table, q_rows, k_flat, v_flat)
-    merged = merge_splits(out, row_max, row_sum)
-    return ungroup_rows(merged, num_heads, seq_q).astype(query.dtype)
+    )
 
 
 def _xla_paged(

@@ -22,6 +22,7 @@ order with :func:`to_ring_layout` before sharding it contiguously, and undo it w
 :func:`from_ring_layout`; score and mask mods always see the true global positions.
 """
 
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -31,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from .._checks import shape_checked
+from .._checks import positive_int, shape_checked
 from .._mods import AndMask, BlockOverlapMask, split_score_mod
 from .._typing import (
     AttentionMask,
@@ -56,6 +57,7 @@ from ._common import (
     vary_like,
 )
 from ._flash import cuda_compute_capability, cudnn_plan
+from ._memory_efficient import memory_efficient_attention
 from ._ring_flash import cudnn_pairs_available, flash_ring
 from ._standard import standard_attention
 
@@ -144,8 +146,7 @@ def to_ring_layout(
     """
     name = "to_ring_layout"
     _check_layout(layout, name=name)
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"{name}: `num_shards` must be a positive int, got {num_shards!r}.")
+    positive_int(num_shards, "num_shards", caller=name)
     length = x.shape[axis]
     _check_divides(length, num_shards, layout, name=name, what="sequence")
     return jnp.take(x, jnp.asarray(_layout_order(length, num_shards, layout)), axis=axis)
@@ -177,8 +178,7 @@ def from_ring_layout(
     """
     name = "from_ring_layout"
     _check_layout(layout, name=name)
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"{name}: `num_shards` must be a positive int, got {num_shards!r}.")
+    positive_int(num_shards, "num_shards", caller=name)
     length = x.shape[axis]
     _check_divides(length, num_shards, layout, name=name, what="sequence")
     inverse = np.argsort(_layout_order(length, num_shards, layout))
@@ -301,29 +301,18 @@ def _nonempty_tiles(
 # --------------------------------------------------------------------------- per-pair blockwise math
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _Static:
-    """Static configuration of one ring call (hashable facts, no arrays)."""
+    """Static configuration of one ring call (no arrays)."""
 
-    def __init__(
-        self,
-        *,
-        axis_name: Hashable,
-        num_shards: int,
-        layout: str,
-        scale: float,
-        block_q: int,
-        block_kv: int,
-        rebuild: Callable[[Sequence[Array]], ScoreMod | None],
-        num_heads: int,
-    ) -> None:
-        self.axis_name = axis_name
-        self.num_shards = num_shards
-        self.layout = layout
-        self.scale = scale
-        self.block_q = block_q
-        self.block_kv = block_kv
-        self.rebuild = rebuild
-        self.num_heads = num_heads
+    axis_name: Hashable
+    num_shards: int
+    layout: str
+    scale: float
+    block_q: int
+    block_kv: int
+    rebuild: Callable[[Sequence[Array]], ScoreMod | None]
+    num_heads: int
 
 
 def _pad_axis(x: Array, axis: int, target: int, value: Any = 0) -> Array:
@@ -793,52 +782,6 @@ def _ring_core(cfg: _Static) -> Callable[..., Array]:
 # --------------------------------------------------------------------------- public API
 
 
-def _local_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    *,
-    mask: AttentionMask | None,
-    score_mod: ScoreMod | None,
-    dropout_rng: PRNGKeyArray | None,
-    dropout_rate: float,
-    deterministic: bool,
-    block_size: int,
-    scale: float | None,
-) -> Array:
-    """The single-device path: memory_efficient_attention, or standard until it exists."""
-    try:
-        from ._memory_efficient import memory_efficient_attention
-    except ModuleNotFoundError as error:
-        # Only the module's own absence selects the fallback; any other import failure raises.
-        if error.name != f"{__package__}._memory_efficient":
-            raise
-        return standard_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            score_mod=score_mod,
-            dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate,
-            deterministic=deterministic,
-            scale=scale,
-        )
-    result: Array = memory_efficient_attention(
-        query,
-        key,
-        value,
-        mask=mask,
-        score_mod=score_mod,
-        dropout_rng=dropout_rng,
-        dropout_rate=dropout_rate,
-        deterministic=deterministic,
-        block_size=block_size,
-        scale=scale,
-    )
-    return result
-
-
 def _fused_pair_plan(
     query: Array,
     key: Array,
@@ -875,11 +818,6 @@ def _fused_pair_plan(
             f"causal pairs are planned for the contiguous and zigzag layouts, not {layout}",
         )
     return plan.is_causal, None
-
-
-def _check_block_size(block_size: int, *, name: str) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{name}: `block_size` must be a positive int, got {block_size!r}.")
 
 
 def _ring_key_mask(
@@ -986,10 +924,11 @@ def ring_attention(
     check_mask(mask, query, key, name=name)
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     _check_layout(layout, name=name)
-    _check_block_size(block_size, name=name)
+    positive_int(block_size, "block_size", caller=name)
     num_shards = bound_axis_size(axis_name)
     if num_shards is None or num_shards == 1:
-        return _local_attention(
+        # The single-device path: no ring to run.
+        return memory_efficient_attention(
             query,
             key,
             value,

@@ -31,7 +31,6 @@ the same inputs and outputs, used to test the ring schedule on CPU).
 """
 
 import dataclasses
-import importlib
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, TypeAlias
 
@@ -39,12 +38,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+# Private JAX internals (see cudnn_pairs_available), typed Any: their signatures are not ours.
+_cudnn: Any
+try:
+    from jax._src.cudnn import fused_attention_stablehlo as _cudnn_module
+except ImportError:  # pragma: no cover - a JAX without it keeps the XLA-tile ring
+    _cudnn = None
+else:
+    _cudnn = _cudnn_module
+
 from ._common import merge_partials, rotate_ring, vary_like, varying_axes
 
 __all__ = ["PairImpl", "cudnn_pairs_available", "flash_ring"]
 
 PairImpl: TypeAlias = Literal["cudnn", "xla"]
-_CUDNN_MODULE = "jax._src.cudnn.fused_attention_stablehlo"
 
 # (out, lse) of one pair: out (B, H, Tq, D) in the input dtype, lse (B, H, Tq) float32.
 _PairOut: TypeAlias = tuple[Array, Float[Array, "B H T"]]
@@ -63,10 +70,6 @@ class _RingConfig:
 # --------------------------------------------------------------------------- pair kernels
 
 
-def _cudnn_module() -> Any:
-    return importlib.import_module(_CUDNN_MODULE)
-
-
 def cudnn_pairs_available() -> bool:
     """Whether this JAX exposes the cuDNN forward (with log-sum-exp) and backward entry points.
 
@@ -74,16 +77,17 @@ def cudnn_pairs_available() -> bool:
     for that, so the ring binds the primitive JAX's own cuDNN attention uses. When a JAX
     release moves it, this returns False and the ring keeps its XLA pair path.
     """
-    try:
-        module = _cudnn_module()
-    except ImportError:
-        return False
-    needed = ("dot_product_attention", "_dot_product_attention_bwd_p_wrapper", "MaskType")
-    return all(hasattr(module, name) for name in needed) and hasattr(module, "AttentionLayout")
+    needed = (
+        "dot_product_attention",
+        "_dot_product_attention_bwd_p_wrapper",
+        "MaskType",
+        "AttentionLayout",
+    )
+    return _cudnn is not None and all(hasattr(_cudnn, name) for name in needed)
 
 
 def _cudnn_forward(q: Array, k: Array, v: Array, *, causal: bool, scale: float) -> _PairOut:
-    cudnn = _cudnn_module()
+    cudnn = _cudnn
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     out, lse = cudnn.dot_product_attention(
         q, k, v, scale=scale, mask_type=mask_type, qkv_layout="BNTH", return_residual=True
@@ -102,7 +106,7 @@ def _cudnn_backward(
     causal: bool,
     scale: float,
 ) -> tuple[Array, Array, Array]:
-    cudnn = _cudnn_module()
+    cudnn = _cudnn
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     unused = jnp.zeros((0,), q.dtype)
     grads = cudnn._dot_product_attention_bwd_p_wrapper.bind(
