@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from attnax._mods import causal_mod
-from attnax.kernels import _linear_pallas
 from attnax.kernels._linear import linear_attention
 from tests._reference import random_qkv, relative_error
 
@@ -299,134 +298,13 @@ def test_fused_refusals_name_the_reason(causal: bool, padded: bool, match: str) 
         linear_attention(q, k, v, causal=causal, mask=mask, use_pallas=True, interpret=True)
 
 
-@pytest.fixture
-def fused_knobs(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Set ``_linear_pallas`` launch knobs for one test (traces are cached, so clear them)."""
-
-    def apply(**knobs: Any) -> None:
-        for name, value in knobs.items():
-            monkeypatch.setattr(_linear_pallas, name, value)
-        jax.clear_caches()  # type: ignore[no-untyped-call]
-
-    yield apply
-    monkeypatch.undo()
-    jax.clear_caches()  # type: ignore[no-untyped-call]
-
-
-def _x64_reference_grads(
-    q: jax.Array, k: jax.Array, v: jax.Array, weights: jax.Array, scale: float
-) -> list[np.ndarray]:
-    """Gradients of sum(out * weights) of the quadratic form, in float64."""
-    with jax.enable_x64(True):
-        args64 = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, weights)]
-
-        def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-            out = _linear_quadratic_jax(q * scale, k, v, causal=True)
-            return jnp.sum(out * args64[3])
-
-        grads = jax.grad(loss, argnums=(0, 1, 2))(*args64[:3])
-        return [np.asarray(grad) for grad in grads]
-
-
-@pytest.mark.parametrize(
-    ("num_kv_heads", "seq", "head_dim", "chunk_size", "block", "scale"),
-    [
-        (4, 64, 16, 16, 64, None),  # one column block (block clipped to head_dim)
-        (2, 64, 32, 16, 16, 0.5),  # GQA, two column blocks
-        (4, 128, 32, 32, 8, None),  # four column blocks, four chunks
-        (1, 32, 16, 32, 8, 2.0),  # MQA, one chunk
-    ],
-)
-def test_fused_chunk_matches_float64_interpreted(
-    fused_knobs: Any,
-    num_kv_heads: int,
-    seq: int,
-    head_dim: int,
-    chunk_size: int,
-    block: int,
-    scale: float | None,
-) -> None:
-    """The fused-chunk forward and its Pallas backward against float64, value splits and GQA."""
-    fused_knobs(
-        FUSED_DESIGN="fused_chunk",
-        BLOCK_V={"fused_forward": block, "fused_backward": block},
-    )
-    q, k, v = random_qkv(31, num_heads=4, num_kv_heads=num_kv_heads, seq_q=seq, head_dim=head_dim)
-    s = 1.0 if scale is None else scale
-
-    def fused(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return linear_attention(
-            q, k, v, chunk_size=chunk_size, scale=scale, use_pallas=True, interpret=True
-        )
-
-    assert "attnax_linear_fused_chunk_forward" in str(jax.make_jaxpr(fused)(q, k, v))
-    assert relative_error(fused(q, k, v), linear_reference(q, k, v, causal=True, scale=s)) < 1e-5
-    weights = jax.random.normal(jax.random.key(32), q.shape)
-    got = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-    want = _x64_reference_grads(q, k, v, weights, s)
-    for name, g, w in zip("qkv", got, want, strict=True):
-        assert g.dtype == q.dtype, name
-        assert relative_error(g, w) < 1e-5, name
-
-
-def test_fused_chunk_three_backward_launches_interpreted(fused_knobs: Any) -> None:
-    """dq, dk and dv as three launches give the same gradients as one launch."""
-    q, k, v = random_qkv(33, num_heads=4, num_kv_heads=2, seq_q=32, head_dim=16)
-    weights = jax.random.normal(jax.random.key(34), q.shape)
-
-    def grads() -> Any:
-        return jax.grad(
-            lambda *a: jnp.sum(
-                linear_attention(*a, chunk_size=16, use_pallas=True, interpret=True) * weights
-            ),
-            argnums=(0, 1, 2),
-        )(q, k, v)
-
-    fused_knobs(BLOCK_V={"fused_forward": 8, "fused_backward": 8}, BACKWARD_LAUNCHES=3)
-    got = grads()
-    want = _x64_reference_grads(q, k, v, weights, 1.0)
-    for name, g, w in zip("qkv", got, want, strict=True):
-        assert relative_error(g, w) < 1e-5, name
-
-
-def test_fused_design_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """FUSED_DESIGN picks the kernels at each traced call (no cache clearing); it is checked."""
-    q, k, v = random_qkv(35, num_heads=2, seq_q=32, head_dim=16)
-
-    def kernels() -> str:
-        # Fresh functions each time: make_jaxpr caches traces by function, like jit.
-        def fn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-            return linear_attention(q, k, v, chunk_size=16, use_pallas=True, interpret=True)
-
-        grad = jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2))
-        return str(jax.make_jaxpr(fn)(q, k, v)) + str(jax.make_jaxpr(grad)(q, k, v))
-
-    assert _linear_pallas.FUSED_DESIGN == "fused_chunk"  # the default
-    fused_chunk = kernels()
-    assert "attnax_linear_fused_chunk_forward" in fused_chunk
-    assert "attnax_linear_fused_chunk_backward" in fused_chunk
-    assert "attnax_linear_chunk_outputs" not in fused_chunk
-    monkeypatch.setattr(_linear_pallas, "FUSED_DESIGN", "two_pass")
-    two_pass = kernels()
-    assert "attnax_linear_chunk_outputs" in two_pass
-    assert "attnax_linear_fused_chunk" not in two_pass
-    out = linear_attention(q, k, v, chunk_size=16, use_pallas=True, interpret=True)
-    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
-    monkeypatch.setattr(_linear_pallas, "FUSED_DESIGN", "nonsense")
-    with pytest.raises(ValueError, match="FUSED_DESIGN"):
-        linear_attention(q, k, v, chunk_size=16, use_pallas=True, interpret=True)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("design", ["fused_chunk", "two_pass"])
-def test_fused_kernels_on_gpu(monkeypatch: pytest.MonkeyPatch, design: str) -> None:
+def test_fused_kernels_on_gpu() -> None:
     """Compiled Triton kernels (bf16, GQA) against the XLA formulation, values and gradients."""
-    monkeypatch.setattr(_linear_pallas, "FUSED_DESIGN", design)
     q, k, v = random_qkv(
         24, num_heads=8, num_kv_heads=2, seq_q=512, head_dim=64, dtype=jnp.bfloat16
     )
-    kernel = {"fused_chunk": "fused_chunk_forward", "two_pass": "chunk_outputs"}[design]
-    assert f"attnax_linear_{kernel}" in str(
+    assert "attnax_linear_chunk_outputs" in str(
         jax.make_jaxpr(lambda *a: linear_attention(*a, chunk_size=64))(q, k, v)
     )
 
@@ -441,24 +319,3 @@ def test_fused_kernels_on_gpu(monkeypatch: pytest.MonkeyPatch, design: str) -> N
     want = jax.jit(jax.grad(loss(False), argnums=(0, 1, 2)))(q, k, v)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert relative_error(g, w) < 1e-2, name
-
-
-@pytest.mark.gpu
-def test_fused_chunk_on_gpu_against_float64(fused_knobs: Any) -> None:
-    """Compiled fused-chunk kernels with two column blocks (bf16, GQA), against float64."""
-    fused_knobs(BLOCK_V={"fused_forward": 32, "fused_backward": 32})
-    q, k, v = random_qkv(
-        25, num_heads=8, num_kv_heads=4, seq_q=1024, head_dim=64, dtype=jnp.bfloat16
-    )
-    weights = jax.random.normal(jax.random.key(26), q.shape)
-
-    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        out = linear_attention(q, k, v, chunk_size=64, use_pallas=True)
-        return jnp.sum(out.astype(jnp.float32) * weights)
-
-    out = jax.jit(lambda *a: linear_attention(*a, chunk_size=64, use_pallas=True))(q, k, v)
-    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 2e-2
-    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    want = _x64_reference_grads(q, k, v, weights, 1.0)
-    for name, g, w in zip("qkv", got, want, strict=True):
-        assert relative_error(g, w) < 3e-2, name

@@ -14,9 +14,9 @@ where :math:`A(t)` is the set of allowed keys (all unpadded keys, and only those
 
 The causal form is chunkwise parallel: inside a chunk of ``chunk_size`` positions a masked
 (chunk × chunk) quadratic term, across chunks the (D × D) state of all earlier chunks, whose
-prefix over chunks is one parallel matmul. On a GPU causal attention runs as fused Pallas kernels
-(:mod:`attnax.kernels._linear_pallas`; by default the fused-chunk design, forward and backward);
-elsewhere as the XLA formulation below.
+prefix over chunks is one parallel matmul. On a GPU the causal forward runs as two fused Pallas
+kernels around that prefix (:mod:`attnax.kernels._linear_pallas`); elsewhere, and for the
+backward, as the XLA formulation below.
 """
 
 import functools
@@ -36,9 +36,8 @@ from .._typing import (
     ScoreMod,
     ValueArray,
 )
-from . import _linear_pallas
 from ._common import accumulation_dtype, check_dropout, check_mask, check_qkv
-from ._linear_pallas import fused_causal_forward, fused_chunk_attention, fused_unsupported_reason
+from ._linear_pallas import fused_causal_forward, fused_unsupported_reason
 
 __all__ = ["linear_attention"]
 
@@ -135,7 +134,7 @@ def _fused_causal(
     precision: jax.lax.PrecisionLike,
     interpret: bool,
 ) -> Float[Array, "B H T D"]:
-    """Two-pass Pallas forward (:mod:`._linear_pallas`); backward: autodiff of the XLA path."""
+    """Pallas forward (:mod:`._linear_pallas`); backward: autodiff of the XLA formulation."""
     return fused_causal_forward(
         query,
         key,
@@ -183,7 +182,7 @@ _fused_causal.defvjp(_fused_causal_fwd, _fused_causal_bwd)
 
 @functools.partial(
     jax.jit,
-    static_argnames=("causal", "chunk_size", "scale", "precision", "fused", "design", "interpret"),
+    static_argnames=("causal", "chunk_size", "scale", "precision", "fused", "interpret"),
 )
 def _linear_attention(
     query: Float[Array, "B H T D"],
@@ -196,16 +195,11 @@ def _linear_attention(
     scale: float,
     precision: jax.lax.PrecisionLike,
     fused: bool,
-    design: str,
     interpret: bool,
 ) -> Float[Array, "B H T D"]:
     if fused:
         chunk = min(chunk_size, query.shape[2])
-        out: Array
-        if design == "fused_chunk":
-            out = fused_chunk_attention(query, key, value, chunk, scale, interpret)
-        else:
-            out = _fused_causal(query, key, value, chunk, scale, precision, interpret)
+        out: Array = _fused_causal(query, key, value, chunk, scale, precision, interpret)
         return out
     return _xla_linear(
         query,
@@ -338,7 +332,7 @@ def linear_attention(
     ``chunk_size`` positions plus the (head_dim × head_dim) state of all earlier chunks, so
     memory is O(T·D + T/chunk_size·D²) per head and no (T, S) matrix exists. Non-causal
     attention uses the global sums (``chunk_size`` is then ignored). Gradients come from
-    autodiff through this computation, or, on the fused-chunk path, from its own kernels.
+    autodiff through this computation.
 
     Args:
       query: (batch, heads, seq_q, head_dim).
@@ -358,14 +352,12 @@ def linear_attention(
         paper: unlike softmax, :math:`\phi` has no temperature to correct, and
         ``1/sqrt(head_dim)`` would only squash queries towards :math:`\phi(0) = 1`.
       precision: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 references).
-      use_pallas: causal attention without a key mask can run as fused Pallas kernels, which
-        keep the feature maps, weights, states and numerators on chip.
-        ``_linear_pallas.FUSED_DESIGN`` (read at each call) picks the design: ``"fused_chunk"``
-        (default; sequential walks over the chunks with the state in registers, forward and
-        backward) or ``"two_pass"`` (per-chunk states, an XLA prefix matmul, per-chunk
-        outputs; the backward is the XLA formulation's). ``None`` (default): fused on a GPU
-        for bf16/fp16 inputs with power-of-two head_dim and chunk in [16, 256], else XLA.
-        ``True``: fused or ``NotImplementedError`` with the reason. ``False``: XLA.
+      use_pallas: causal attention without a key mask can run as two fused Pallas kernels
+        (per-chunk states, then per-chunk outputs; the prefix over chunks stays one XLA
+        matmul), which keep the feature maps, weights and numerators on chip; the backward is
+        the XLA formulation's. ``None`` (default): fused on a GPU for bf16/fp16 inputs with
+        power-of-two head_dim and chunk in [16, 256], else XLA. ``True``: fused or
+        ``NotImplementedError`` with the reason. ``False``: XLA.
       interpret: run the fused kernels in the Pallas interpreter (CPU tests; float32 allowed).
 
     Returns:
@@ -411,12 +403,6 @@ def linear_attention(
             f"sequence to a multiple of `chunk_size` (padding at the end does not change the "
             "earlier positions of causal attention) or choose a `chunk_size` that divides it."
         )
-    design = _linear_pallas.FUSED_DESIGN
-    if design not in _linear_pallas.FUSED_DESIGNS:
-        raise ValueError(
-            f"{name}: _linear_pallas.FUSED_DESIGN is {design!r}, expected one of "
-            f"{_linear_pallas.FUSED_DESIGNS}."
-        )
     fused = _use_fused(
         use_pallas,
         interpret,
@@ -437,7 +423,6 @@ def linear_attention(
         scale=1.0 if scale is None else float(scale),
         precision=precision,
         fused=fused,
-        design=design,
         interpret=interpret,
     )
     return out
