@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attnax._mods import causal_mod
-from attnax.kernels._flash import flash_attention
+from attnax.kernels._flash import flash_attention, flash_attention_bthd
 from attnax.kernels._memory_efficient import memory_efficient_attention
 from attnax.kernels._ring import ring_attention
 
@@ -130,19 +130,29 @@ def memory_report(
     )
     found: list[dict[str, Any]] = []
 
-    def analyse(impl: str, seq: int, fn: Callable[..., Any], sharding: Any) -> None:
-        shape = jax.ShapeDtypeStruct((1, heads, seq, head_dim), dtype, sharding=sharding)
+    def analyse(
+        impl: str, seq: int, fn: Callable[..., Any], sharding: Any, *, bthd: bool = False
+    ) -> None:
+        dims = (1, seq, heads, head_dim) if bthd else (1, heads, seq, head_dim)
+        shape = jax.ShapeDtypeStruct(dims, dtype, sharding=sharding)
         row: dict[str, Any] = {"impl": impl, "seq": seq}
         try:
             stats = jax.jit(with_grad(fn)).lower(shape, shape, shape).compile().memory_analysis()
             total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
                      + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+            # Per device, in units of one (T / devices, H, D) array of the input dtype: what
+            # the schedule holds besides q, k, v, their gradients, the output and dO (8 units).
+            local = seq // (2 if "ring" in impl else 1)
+            unit = local * heads * head_dim * jnp.dtype(dtype).itemsize
             row.update(peak_gib=round(total / 2**30, 2),
-                       fits=None if capacity is None else bool(total <= capacity))
+                       fits=None if capacity is None else bool(total <= capacity),
+                       temp_gib=round(stats.temp_size_in_bytes / 2**30, 2),
+                       units=round(total / unit, 2))
         except Exception as error:  # noqa: BLE001 - a too-large compile is a finding, not a crash
             row["error"] = (type(error).__name__ + ": " + str(error)).splitlines()[0][:300]
         found.append(row)
-        print(f"{impl:24s} T={seq:<9d} {row.get('peak_gib', '-')!s:>8} GiB  fits={row.get('fits')}"
+        print(f"{impl:30s} T={seq:<9d} {row.get('peak_gib', '-')!s:>8} GiB "
+              f"{row.get('units', '-')!s:>6} units  fits={row.get('fits')}"
               f" {row.get('error', '')}", flush=True)
 
     def ring_body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -150,10 +160,16 @@ def memory_report(
                               block_size=block_size)
 
     ring = jax.shard_map(ring_body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
-    flash = single_gpu_kernels(block_size)
-    name, kernel = next(iter(flash.items()))
+
+    ring_lengths = [int(x) for x in args.ring_lengths.split(",") if x] or lengths
     for seq in lengths:
-        analyse(f"single_{name}", seq, kernel, single)
+        # One GPU, both layouts of the same cuDNN kernel: the public (B, H, T, D) entry point
+        # (transposes around cuDNN) and the layer's (B, T, H, D) one (none).
+        analyse("single_flash_cudnn", seq, single_gpu_kernels(block_size)["flash_cudnn"], single)
+        analyse("single_flash_cudnn_bthd", seq,
+                lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod()),
+                single, bthd=True)
+    for seq in ring_lengths:
         analyse("ring_2gpu_zigzag", seq, ring, sharded)
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
@@ -177,6 +193,8 @@ def main() -> None:
     parser.add_argument("--no-contiguous", action="store_true", help="skip the contiguous ring")
     parser.add_argument("--memory", action="store_true",
                         help="compile-only peak memory, single GPU vs ring, at 1M-8M tokens")
+    parser.add_argument("--ring-lengths", default="",
+                        help="--memory: total lengths for the ring rows (default --lengths)")
     parser.add_argument("--no-tiles", action="store_true",
                         help="skip the XLA-tile ring and single-GPU memory_efficient rows")
     args = parser.parse_args()
