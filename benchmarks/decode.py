@@ -170,25 +170,10 @@ def kernel_benchmarks(args: argparse.Namespace) -> None:
             {"block_size": 64, "block_kv": 64, "num_splits": None, "num_warps": 4, "num_stages": 3},
             {"block_size": 64, "block_kv": 64, "num_splits": 8, "num_warps": 4, "num_stages": 2},
         ]
-    if args.paged_packed:
-        # Several KV heads per program: a token's heads are adjacent in the pool, so P heads
-        # read P * 256 contiguous bytes per token instead of 256 (the tile's shared memory
-        # grows by P, hence the smaller tiles).
-        paged_configs += [
-            {"block_size": bs, "block_kv": kv, "num_splits": None, "num_warps": w,
-             "num_stages": st, "kv_heads_per_program": packed}
-            for packed, bs, kv, w, st in [
-                (2, 16, 32, 4, 3), (2, 16, 64, 4, 3), (2, 32, 32, 4, 3), (2, 64, 64, 4, 2),
-                (4, 16, 16, 4, 3), (4, 16, 32, 4, 3), (4, 16, 32, 8, 2), (4, 32, 32, 4, 2),
-                (4, 16, 16, 4, 4), (8, 16, 16, 4, 3), (8, 16, 16, 8, 3), (8, 16, 32, 8, 2),
-            ]
-        ]
     if args.smoke:
         paged_configs = [
             {"block_size": 16, "block_kv": 16, "num_splits": 2, "num_warps": 4, "num_stages": 2}
         ]
-        if args.paged_packed:
-            paged_configs.append({**paged_configs[0], "kv_heads_per_program": 2})
     # --paged-sorted adds each config over an identity block table (row b's pages in order,
     # the pool then *is* a (B, S, Hk, D) cache): if those rows match the shuffled ones, the
     # paged kernel's gap to the contiguous one is the head-interleaved layout, not the
@@ -545,9 +530,6 @@ def main() -> None:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument(
         "--paged-sorted", action="store_true", help="paged rows over an identity table too"
-    )
-    parser.add_argument(
-        "--paged-packed", action="store_true", help="paged rows with several KV heads per program"
     )
     parser.add_argument("--skip-kernels", action="store_true")
     args = parser.parse_args()

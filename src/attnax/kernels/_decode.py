@@ -83,26 +83,16 @@ def default_num_splits(batch: int, num_kv_heads: int, num_tiles: int) -> int:
 
 
 def row_indices(
-    rows: Int[Array, "*#r"],
-    *,
-    group: int,
-    seq_q: int,
-    kv_head: Any,
-    q_offset: Any,
-    packed_heads: int = 1,
+    rows: Int[Array, "*#r"], *, group: int, seq_q: int, kv_head: Any, q_offset: Any
 ) -> tuple[Int[Array, "*#r"], Int[Array, "*#r"]]:
-    """Query head and absolute query position of each tile row.
+    """Query head and absolute query position of each tile row (row = g * T + t).
 
-    Row ``(j * group + g) * T + t``: query ``t`` of head ``g`` of the ``j``-th of the
-    ``packed_heads`` KV heads a program owns (``kv_head`` is the program's index in units of
-    ``packed_heads``). Padding rows are clamped onto the last real row, so that score mods never
-    see a head index or a position that does not exist.
+    Padding rows (beyond ``group * seq_q``) are clamped onto the last real row, so that score
+    mods never see a head index or a position that does not exist.
     """
-    rows_per_head = group * seq_q
-    real = jnp.minimum(rows, packed_heads * rows_per_head - 1)
-    local = real % rows_per_head
-    h_idx = (kv_head * packed_heads + real // rows_per_head) * group + local // seq_q
-    q_pos = q_offset + local % seq_q
+    real = jnp.minimum(rows, group * seq_q - 1)
+    h_idx = kv_head * group + real // seq_q
+    q_pos = q_offset + real % seq_q
     return h_idx, q_pos
 
 
@@ -170,48 +160,22 @@ def merge_splits(
     return merged / jnp.where(total > 0.0, total, 1.0)[..., None]
 
 
-def group_query_rows(
-    query: QueryArray, num_kv_heads: int, rows: int, packed_heads: int = 1
-) -> Float[Array, "B Hp R Dp"]:
-    """(B, H, T, D) -> (B, Hk / P, R, P * D) query rows, zero-padded to ``rows`` rows.
-
-    With ``packed_heads`` P = 1 this is (B, Hk, R, D) with row g * T + t. With P > 1 a program
-    owns P adjacent KV heads, whose keys it reads as one (tile, P * D) block (P heads of a
-    token are adjacent in a paged pool): the rows of the j-th head carry their query in columns
-    j * D .. (j + 1) * D and zeros elsewhere (block-diagonal), so one matmul with the block
-    gives every row the scores against its own head's keys only (``row_indices`` numbers the
-    rows), and the value product leaves each row's output in its own head's columns.
-    """
+def group_query_rows(query: QueryArray, num_kv_heads: int, rows: int) -> Float[Array, "B Hk R D"]:
+    """(B, H, T, D) -> (B, Hk, R, D) with row g * T + t, zero-padded to ``rows`` rows."""
     batch, num_heads, seq_q, head_dim = query.shape
     group = num_heads // num_kv_heads
     grouped = query.reshape(batch, num_kv_heads, group * seq_q, head_dim)
-    if packed_heads > 1:
-        blocks = grouped.reshape(batch, num_kv_heads // packed_heads, packed_heads, 1, -1, head_dim)
-        eye = jnp.eye(packed_heads, dtype=query.dtype).reshape(1, 1, packed_heads, packed_heads, 1, 1)
-        diagonal = jnp.swapaxes(blocks * eye, 3, 4)  # (B, Hk/P, P rows-blocks, R_h, P, D)
-        grouped = diagonal.reshape(
-            batch, num_kv_heads // packed_heads, packed_heads * group * seq_q, packed_heads * head_dim
-        )
-    real_rows = grouped.shape[2]
-    if rows > real_rows:
-        grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - real_rows), (0, 0)))
+    if rows > group * seq_q:
+        grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - group * seq_q), (0, 0)))
     return grouped
 
 
 def ungroup_rows(
-    out: Float[Array, "B Hp R Dp"], num_heads: int, seq_q: int, packed_heads: int = 1
+    out: Float[Array, "B Hk R D"], num_heads: int, seq_q: int
 ) -> Float[Array, "B H T D"]:
-    """Inverse of ``group_query_rows``: each row's output from its own head's columns."""
-    batch, num_programs, _, packed_dim = out.shape
-    num_kv_heads = num_programs * packed_heads
+    batch, num_kv_heads, _, head_dim = out.shape
     group = num_heads // num_kv_heads
-    head_dim = packed_dim // packed_heads
-    real = out[:, :, : packed_heads * group * seq_q]
-    if packed_heads > 1:
-        blocks = real.reshape(batch, num_programs, packed_heads, group * seq_q, packed_heads, head_dim)
-        real = jnp.diagonal(blocks, axis1=2, axis2=4)  # (B, Hk/P, R_h, D, P)
-        real = jnp.moveaxis(real, -1, 2)
-    return real.reshape(batch, num_heads, seq_q, head_dim)
+    return out[:, :, : group * seq_q].reshape(batch, num_heads, seq_q, head_dim)
 
 
 def tile_range(
@@ -333,25 +297,18 @@ def split_kv_body(
     num_steps_total: int,
     causal: bool,
     attention_window: int | None,
-    packed_heads: int = 1,
 ) -> None:
     """One split-KV program: online softmax over this split's visible tiles, partials out.
 
     Shared by the contiguous and the paged kernel, which differ only in ``load_tile(index)``:
-    how the keys and values of tile ``index`` (``tile`` rows each) are read. With
-    ``packed_heads`` > 1 the query rows and tiles span that many KV heads (``group_query_rows``).
+    how the keys and values of tile ``index`` (``tile`` rows each) are read.
     """
     b = pl.program_id(0)
     kv_head = pl.program_id(1)
     split = pl.program_id(2)
     rows, head_dim = q.shape
     h_idx, q_pos = row_indices(
-        jnp.arange(rows)[:, None],
-        group=group,
-        seq_q=seq_q,
-        kv_head=kv_head,
-        q_offset=q_offset,
-        packed_heads=packed_heads,
+        jnp.arange(rows)[:, None], group=group, seq_q=seq_q, kv_head=kv_head, q_offset=q_offset
     )
     mask_mod, value_mod = split_score_mod(score_mod)
     lo, hi = tile_range(
@@ -522,32 +479,28 @@ def run_split_kv(
     num_stages: int,
     interpret: bool,
     name: str,
-    packed_heads: int = 1,
 ) -> AttentionOutput:
     """Launch a split-KV kernel over (batch, kv_head, split) and merge its partials.
 
     The kernel's operands are each row's length and first query position, the grouped query
     rows, then ``cache_inputs`` ((array, BlockSpec) pairs: the contiguous cache, or the block
-    table and the pools); its outputs are the per-split float32 (out, max, sum) partials. With
-    ``packed_heads`` > 1 a program owns that many adjacent KV heads (see ``group_query_rows``).
+    table and the pools); its outputs are the per-split float32 (out, max, sum) partials.
     """
     batch, num_heads, seq_q, head_dim = query.shape
-    num_programs = num_kv_heads // packed_heads
-    packed_dim = packed_heads * head_dim
     row_scalar = pl.BlockSpec((1,), lambda b, h, s: (b,))
-    q_spec = pl.BlockSpec((None, None, rows, packed_dim), lambda b, h, s: (b, h, 0, 0))
-    partial_shape = (batch, num_programs, splits, rows)
+    q_spec = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))
+    partial_shape = (batch, num_kv_heads, splits, rows)
     out, row_max, row_sum = pl.pallas_call(
         kernel,
-        grid=(batch, num_programs, splits),
+        grid=(batch, num_kv_heads, splits),
         in_specs=[row_scalar, row_scalar, q_spec, *(spec for _, spec in cache_inputs)],
         out_specs=[
-            pl.BlockSpec((None, None, None, rows, packed_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((*partial_shape, packed_dim), jnp.float32),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),  # type: ignore[no-untyped-call]
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),  # type: ignore[no-untyped-call]
         ],
@@ -557,11 +510,11 @@ def run_split_kv(
     )(
         lengths.astype(jnp.int32),
         q_offset.astype(jnp.int32),
-        group_query_rows(query, num_kv_heads, rows, packed_heads),
+        group_query_rows(query, num_kv_heads, rows),
         *(array for array, _ in cache_inputs),
     )
     merged = merge_splits(out, row_max, row_sum)
-    return ungroup_rows(merged, num_heads, seq_q, packed_heads).astype(query.dtype)
+    return ungroup_rows(merged, num_heads, seq_q).astype(query.dtype)
 
 
 def _gpu_compiler_params(num_warps: int, num_stages: int, interpret: bool) -> Any:

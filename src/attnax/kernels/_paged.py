@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from .._checks import positive_int, shape_checked
+from .._checks import shape_checked
 from .._typing import AttentionOutput, QueryArray, ScoreMod
 from ._common import default_scale
 from ._decode import (
@@ -61,7 +61,6 @@ def _paged_kernel(
     num_steps_total: int,
     causal: bool,
     attention_window: int | None,
-    packed_heads: int,
 ) -> None:
     tile = pages_per_step * block_size
 
@@ -69,8 +68,8 @@ def _paged_kernel(
         # Unallocated entries (-1) only occur past the row's length, where every score is
         # masked; block 0 is a harmless address to read instead.
         pages = jnp.maximum(table_ref[pl.ds(index * pages_per_step, pages_per_step)], 0)
-        width = q_ref.shape[-1]  # packed_heads * head_dim
-        return k_ref[pages].reshape(tile, width), v_ref[pages].reshape(tile, width)
+        head_dim = q_ref.shape[-1]
+        return k_ref[pages].reshape(tile, head_dim), v_ref[pages].reshape(tile, head_dim)
 
     split_kv_body(
         load_tile=load_tile,
@@ -89,7 +88,6 @@ def _paged_kernel(
         num_steps_total=num_steps_total,
         causal=causal,
         attention_window=attention_window,
-        packed_heads=packed_heads,
     )
 
 
@@ -115,7 +113,6 @@ def _pallas_paged(
     num_splits: int | None,
     pages_per_step: int,
     rows: int,
-    packed_heads: int,
     num_warps: int,
     num_stages: int,
     interpret: bool,
@@ -124,9 +121,7 @@ def _pallas_paged(
     num_blocks, block_size, num_kv_heads, _ = key_pool.shape
     group = num_heads // num_kv_heads
     num_steps_total = -(-block_table.shape[1] // pages_per_step)
-    splits = num_splits or default_num_splits(
-        batch, num_kv_heads // packed_heads, num_steps_total
-    )
+    splits = num_splits or default_num_splits(batch, num_kv_heads, num_steps_total)
     splits = min(splits, num_steps_total)
     steps_per_split = -(-num_steps_total // splits)
     table = _pad_table(block_table, num_steps_total * pages_per_step)
@@ -145,12 +140,8 @@ def _pallas_paged(
         num_steps_total=num_steps_total,
         causal=causal,
         attention_window=attention_window,
-        packed_heads=packed_heads,
     )
-    # A block of packed_heads * D columns selects a program's KV heads (adjacent in the pool).
-    pool_spec = pl.BlockSpec(
-        (num_blocks, block_size, packed_heads * head_dim), lambda b, h, s: (0, 0, h)
-    )
+    pool_spec = pl.BlockSpec((num_blocks, block_size, head_dim), lambda b, h, s: (0, 0, h))
     table_spec = pl.BlockSpec((None, table.shape[1]), lambda b, h, s: (b, 0))
     return run_split_kv(
         kernel,
@@ -165,7 +156,6 @@ def _pallas_paged(
         num_stages=num_stages,
         interpret=interpret,
         name="attnax_paged_decode_attention",
-        packed_heads=packed_heads,
     )
 
 
@@ -230,7 +220,6 @@ def paged_decode_attention(
     block_kv: int = 128,
     num_warps: int = 4,
     num_stages: int = 2,
-    kv_heads_per_program: int = 1,
     use_pallas: bool | None = None,
     interpret: bool = False,
     scale: float | None = None,
@@ -255,11 +244,6 @@ def paged_decode_attention(
         once (Pallas needs ``block_size`` a power of two and at least 16 keys per step).
       num_warps: Triton warps per program (GPU only).
       num_stages: Triton pipelining stages (GPU only).
-      kv_heads_per_program: Pallas only: KV heads one program reads together, a power of two
-        dividing ``kv_heads``. A token's KV heads are adjacent in the pool, so P heads per
-        program read P * head_dim contiguous values per token instead of head_dim; the query
-        rows are laid out block-diagonally so one matmul still gives each row its own head's
-        scores (P times the arithmetic, which decode has to spare).
       use_pallas: as in ``decode_attention``: True (raise ``NotImplementedError`` when
         unsupported), False (XLA) or None (Pallas on GPU / with ``interpret`` when supported).
       interpret: run the Pallas kernel in the interpreter (CPU tests).
@@ -314,17 +298,8 @@ def paged_decode_attention(
     _, num_heads, seq_q, _ = query.shape
     scale_value = default_scale(head_dim, scale)
     offsets = lengths - seq_q if q_offset is None else q_offset
-    positive_int(kv_heads_per_program, "kv_heads_per_program", caller=name)
-    if not _is_power_of_two(kv_heads_per_program) or num_kv_heads % kv_heads_per_program:
-        raise ValueError(
-            f"{name}: `kv_heads_per_program` must be a power of two dividing kv_heads "
-            f"({num_kv_heads}), got {kv_heads_per_program}."
-        )
     pages_per_step = max(1, block_kv // block_size)
-    rows = max(
-        MIN_ROWS,
-        _next_power_of_two(kv_heads_per_program * (num_heads // num_kv_heads) * seq_q),
-    )
+    rows = max(MIN_ROWS, _next_power_of_two((num_heads // num_kv_heads) * seq_q))
     reason = pallas_unsupported_reason(
         head_dim=head_dim, rows=rows, tile=pages_per_step * block_size, score_mod=score_mod
     )
@@ -345,7 +320,6 @@ def paged_decode_attention(
             num_splits=num_splits,
             pages_per_step=pages_per_step,
             rows=rows,
-            packed_heads=kv_heads_per_program,
             num_warps=num_warps,
             num_stages=num_stages,
             interpret=interpret,
