@@ -154,10 +154,11 @@ gputests)
   wait
   ;;
 paged)
-  # Paged decode GPU tests, then the kernel table with an identity block table beside the
-  # shuffled one. (This session's last call also ran a --paged-packed variant, since reverted.)
+  # Paged decode GPU tests, then the kernel table (the sweep's best rows too). Call 9 of the
+  # third session ran this with a --paged-packed variant (since reverted), call 10 with the
+  # 2-D row gather.
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_paged.py tests/kernels/test_decode.py --timeout 100 -rf 2>&1 | tail -4
-  timeout 200 python3 benchmarks/decode.py --skip-e2e --paged-sorted >"$OUT/decode.log" 2>&1
+  timeout 200 python3 benchmarks/decode.py --skip-e2e --sweep >"$OUT/decode.log" 2>&1
   ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1

@@ -4,9 +4,13 @@ The cache is a pool of fixed-size blocks shared by all sequences, ``key_pool`` o
 (num_blocks, block_size, kv_heads, head_dim); row ``b``'s logical token ``j`` lives in block
 ``block_table[b, j // block_size]`` at offset ``j % block_size``. The kernel never gathers a
 whole sequence: each program walks its split of the block table and loads
-``pages_per_step`` blocks at a time straight from the pool (a Triton gather load), with the
-same online softmax, GQA row grouping, absolute positions and log-sum-exp merge as the
-contiguous kernel in :mod:`attnax.kernels._decode`.
+``pages_per_step`` blocks at a time straight from the pool, with the same online softmax, GQA
+row grouping, absolute positions and log-sum-exp merge as the contiguous kernel in
+:mod:`attnax.kernels._decode`. The load is a 2-D row gather from the pool viewed as
+(num_blocks * block_size, kv_heads * head_dim): the tile goes to the matmuls as loaded, which
+lets Triton pipeline it like the contiguous kernel's (a (pages, block_size, head_dim) gather
+reshaped afterwards ran at 0.81-0.85x the contiguous kernel's bandwidth; this form at 0.97-0.98x
+on an H100, ``benchmarks/NOTES.md``).
 
 Backends: Pallas (Triton on GPU; ``interpret=True`` on CPU) and an XLA path that gathers one
 tile of ``pages_per_step`` blocks per loop step (never the whole sequence). Forward-only, like
@@ -68,8 +72,12 @@ def _paged_kernel(
         # Unallocated entries (-1) only occur past the row's length, where every score is
         # masked; block 0 is a harmless address to read instead.
         pages = jnp.maximum(table_ref[pl.ds(index * pages_per_step, pages_per_step)], 0)
-        head_dim = q_ref.shape[-1]
-        return k_ref[pages].reshape(tile, head_dim), v_ref[pages].reshape(tile, head_dim)
+        # The pool is viewed as (num_blocks * block_size, Hk * D) rows, so the tile is a 2-D
+        # row gather that feeds the matmuls as loaded: gathering (pages, P, D) and reshaping
+        # the loaded tile to (tile, D) put a reshape between the load and the dot.
+        offsets = jax.lax.broadcasted_iota(jnp.int32, (pages_per_step, block_size), 1)
+        rows = (pages[:, None] * block_size + offsets).reshape(tile)
+        return k_ref[rows, :], v_ref[rows, :]
 
     split_kv_body(
         load_tile=load_tile,
@@ -125,9 +133,9 @@ def _pallas_paged(
     splits = min(splits, num_steps_total)
     steps_per_split = -(-num_steps_total // splits)
     table = _pad_table(block_table, num_steps_total * pages_per_step)
-    # (N, P, Hk, D) -> (N, P, Hk * D) is free; a block of D columns then selects one KV head.
-    k_flat = key_pool.reshape(num_blocks, block_size, num_kv_heads * head_dim)
-    v_flat = value_pool.reshape(num_blocks, block_size, num_kv_heads * head_dim)
+    # (N, P, Hk, D) -> (N * P, Hk * D) is free; a block of D columns then selects one KV head.
+    k_flat = key_pool.reshape(num_blocks * block_size, num_kv_heads * head_dim)
+    v_flat = value_pool.reshape(num_blocks * block_size, num_kv_heads * head_dim)
     kernel = functools.partial(
         _paged_kernel,
         score_mod=score_mod,
@@ -141,7 +149,7 @@ def _pallas_paged(
         causal=causal,
         attention_window=attention_window,
     )
-    pool_spec = pl.BlockSpec((num_blocks, block_size, head_dim), lambda b, h, s: (0, 0, h))
+    pool_spec = pl.BlockSpec((num_blocks * block_size, head_dim), lambda b, h, s: (0, h))
     table_spec = pl.BlockSpec((None, table.shape[1]), lambda b, h, s: (b, 0))
     return run_split_kv(
         kernel,
