@@ -131,7 +131,8 @@ def memory_report(
     found: list[dict[str, Any]] = []
 
     def analyse(
-        impl: str, seq: int, fn: Callable[..., Any], sharding: Any, *, bthd: bool = False
+        impl: str, seq: int, fn: Callable[..., Any], sharding: Any, *, devices: int,
+        bthd: bool = False,
     ) -> None:
         dims = (1, seq, heads, head_dim) if bthd else (1, heads, seq, head_dim)
         shape = jax.ShapeDtypeStruct(dims, dtype, sharding=sharding)
@@ -142,7 +143,7 @@ def memory_report(
                      + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
             # Per device, in units of one (T / devices, H, D) array of the input dtype: what
             # the schedule holds besides q, k, v, their gradients, the output and dO (8 units).
-            local = seq // (2 if "ring" in impl else 1)
+            local = seq // devices
             unit = local * heads * head_dim * jnp.dtype(dtype).itemsize
             row.update(peak_gib=round(total / 2**30, 2),
                        fits=None if capacity is None else bool(total <= capacity),
@@ -165,12 +166,13 @@ def memory_report(
     for seq in lengths:
         # One GPU, both layouts of the same cuDNN kernel: the public (B, H, T, D) entry point
         # (transposes around cuDNN) and the layer's (B, T, H, D) one (none).
-        analyse("single_flash_cudnn", seq, single_gpu_kernels(block_size)["flash_cudnn"], single)
+        analyse("single_flash_cudnn", seq, single_gpu_kernels(block_size)["flash_cudnn"], single,
+                devices=1)
         analyse("single_flash_cudnn_bthd", seq,
                 lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod()),
-                single, bthd=True)
+                single, devices=1, bthd=True)
     for seq in ring_lengths:
-        analyse("ring_2gpu_zigzag", seq, ring, sharded)
+        analyse("ring_2gpu_zigzag", seq, ring, sharded, devices=len(devices))
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "ring_memory_smoke.json" if args.smoke

@@ -217,6 +217,25 @@ def _pair_block(cfg: _RingConfig, earlier: bool, seq: int) -> _Block:
     return (everything, slice(0, half)) if earlier else (slice(half, None), everything)
 
 
+def _run_pair(
+    cfg: _RingConfig,
+    earlier: Array,
+    seq: int,
+    branch: Callable[[_Block], Callable[..., Any]],
+    *operands: Array,
+) -> Any:
+    """Run ``branch(block)(*operands)`` for the pair's block: one branch without a causal mask,
+    else a ``lax.cond`` on ``earlier`` between the earlier-shard and later-shard blocks."""
+    if not cfg.causal:
+        return branch(_pair_block(cfg, True, seq))(*operands)
+    return jax.lax.cond(
+        earlier,
+        branch(_pair_block(cfg, True, seq)),
+        branch(_pair_block(cfg, False, seq)),
+        *operands,
+    )
+
+
 def _with_rows(array: Array, rows: slice, value: Array) -> Array:
     """``array`` with positions ``rows`` of axis 2 replaced by ``value``."""
     start, stop, _ = rows.indices(array.shape[2])
@@ -246,17 +265,7 @@ def _forward_step(
 
         return run
 
-    if not cfg.causal:
-        return branch(_pair_block(cfg, True, seq))(out, lse, k_s, v_s)
-    return jax.lax.cond(  # type: ignore[no-any-return]
-        earlier,
-        branch(_pair_block(cfg, True, seq)),
-        branch(_pair_block(cfg, False, seq)),
-        out,
-        lse,
-        k_s,
-        v_s,
-    )
+    return _run_pair(cfg, earlier, seq, branch, out, lse, k_s, v_s)  # type: ignore[no-any-return]
 
 
 def _ring_forward(cfg: _RingConfig, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
@@ -322,15 +331,7 @@ def _backward_step(
 
         return run
 
-    if not cfg.causal:
-        return branch(_pair_block(cfg, True, seq))(k_s, v_s)
-    return jax.lax.cond(  # type: ignore[no-any-return]
-        earlier,
-        branch(_pair_block(cfg, True, seq)),
-        branch(_pair_block(cfg, False, seq)),
-        k_s,
-        v_s,
-    )
+    return _run_pair(cfg, earlier, seq, branch, k_s, v_s)  # type: ignore[no-any-return]
 
 
 def _ring_backward(
