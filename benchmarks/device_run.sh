@@ -160,6 +160,12 @@ paged)
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_paged.py tests/kernels/test_decode.py --timeout 100 -rf 2>&1 | tail -4
   timeout 200 python3 benchmarks/decode.py --skip-e2e --sweep >"$OUT/decode.log" 2>&1
   ;;
+linear)
+  # Fourth session: LINEAR's fused Pallas backward (and forward knobs): its GPU tests, then the
+  # table beside cuDNN FLASH with each fused stage timed alone.
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_linear.py --timeout 120 -rf 2>&1 | tail -6
+  timeout 300 python3 benchmarks/linear_chunks.py --stages >"$OUT/linear.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1

@@ -1,87 +1,186 @@
-"""LINEAR chunk-size probe beside cuDNN FLASH (B1 S16384 H16 D128 bf16 causal; fwd and fwd+bwd).
+"""LINEAR beside cuDNN FLASH (B1 S16384 H16 D128 bf16 causal; forward and forward+backward).
 
-``linear chunk N`` is the default dispatch (fused Pallas forward on a GPU); ``... xla`` rows force
-the XLA formulation.
+``linear chunk N`` is the default dispatch (fused Pallas forward and backward on a GPU); the
+other rows change one knob of it (``xla bwd``: the XLA formulation's autodiff as backward,
+``vsplit``: value columns per output program, ``warps``: Triton warps of a kernel) or force the
+XLA formulation (``xla``). ``--stages`` adds each fused stage jitted alone at chunk 128.
 
-Writes $OUT/linear_chunks.json; prints a table. Same process, same card for every row.
-Each kernel gets its inputs in its own layout, as the layer's projections produce them: FLASH
-(B, T, H, D), LINEAR (B, H, T, D).
+Timing: each sample dispatches ``--calls`` calls back to back and waits for the last, so the
+host's per-call wait is not in the figure; the median of ``--samples`` samples is reported.
+Every row of a run is in one process on one card. Each kernel gets its inputs in its own
+layout, as the layer's projections produce them: FLASH (B, T, H, D), LINEAR (B, H, T, D).
+
+Writes $OUT/linear_chunks.json (or --out); prints a table.
 """
 
+import argparse
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attnax import causal_mod, linear_attention
-from attnax.kernels import _linear_pallas
+from attnax.kernels import _linear, _linear_pallas, _linear_pallas_vjp
 from attnax.kernels._flash import flash_attention_bthd
 
-OUT = os.environ.get("OUT", "benchmarks/results")
-B, H, S, D = 1, 16, 16384, 128
+parser = argparse.ArgumentParser()
+parser.add_argument("--calls", type=int, default=10)
+parser.add_argument("--samples", type=int, default=7)
+parser.add_argument("--stages", action="store_true")
+parser.add_argument("--seq", type=int, default=16384)
+parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "linear_chunks.json"))
+args = parser.parse_args()
+
+B, H, S, D = 1, 16, args.seq, 128
 keys = jax.random.split(jax.random.key(0), 4)
 q, k, v, g = (jax.random.normal(key, (B, S, H, D), jnp.bfloat16) for key in keys)
-bhtd = {id(x): jnp.swapaxes(x, 1, 2) for x in (q, k, v, g)}
-rows = []
+q_h, k_h, v_h, g_h = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, g))
+DEFAULTS = (dict(_linear_pallas.NUM_WARPS), dict(_linear_pallas.VALUE_BLOCK))
 
 
-def timed(fn, *args):  # type: ignore[no-untyped-def]
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(20):
+def timed(fn: Callable[..., Any], *inputs: Any) -> float:
+    jax.block_until_ready(fn(*inputs))
+    samples = []
+    for _ in range(args.samples):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for _ in range(args.calls):
+            result = fn(*inputs)
+        jax.block_until_ready(result)
+        samples.append((time.perf_counter() - start) / args.calls)
+    return statistics.median(samples) * 1e3
 
 
-def fwd_and_bwd(fn):  # type: ignore[no-untyped-def]
-    forward = jax.jit(fn)
-
-    def both(q, k, v, g):  # type: ignore[no-untyped-def]
+def fwd_and_bwd(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    def both(q: Any, k: Any, v: Any, g: Any) -> Any:
         _, vjp = jax.vjp(fn, q, k, v)
         return vjp(g)
 
-    return forward, jax.jit(both)
+    return jax.jit(fn), jax.jit(both)
 
 
-impls = {"flash (cuDNN)": lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod())}
-for chunk in (64, 128, 256):
-    impls[f"linear chunk {chunk}"] = lambda q, k, v, chunk=chunk: linear_attention(
-        q, k, v, causal=True, chunk_size=chunk
-    )
-for warps in ((4, 4), (4, 8), (8, 4)):  # fused-kernel warps (states, outputs); default (8, 8)
+def configure(warps: dict[str, int] | None = None, value_block: int = 0, fused_bwd: bool = True) -> None:
+    _linear_pallas.NUM_WARPS.clear()
+    _linear_pallas.NUM_WARPS.update(DEFAULTS[0], **(warps or {}))
+    _linear_pallas.VALUE_BLOCK["outputs"] = value_block
+    _linear.FUSED_BACKWARD = fused_bwd
+    # The knobs are read when the kernels are traced; inner jits cache their traces.
+    jax.clear_caches()
 
-    def fused_with_warps(q, k, v, warps=warps):  # type: ignore[no-untyped-def]
-        _linear_pallas.NUM_WARPS = {"states": warps[0], "outputs": warps[1]}  # read at trace
-        return linear_attention(q, k, v, causal=True, chunk_size=128)
 
-    impls[f"linear chunk 128 warps {warps}"] = fused_with_warps
-for chunk in (64, 128):  # the XLA formulation, for comparison with the fused kernels
-    impls[f"linear chunk {chunk} xla"] = lambda q, k, v, chunk=chunk: linear_attention(
-        q, k, v, causal=True, chunk_size=chunk, use_pallas=False
-    )
-for name, fn in impls.items():
-    if "warps" in name:
-        # The warps are read when the kernels are traced; inner jits cache their traces by
-        # argument types, so each warps setting starts from empty caches.
-        jax.clear_caches()
+def linear(chunk: int, **knobs: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
+    return (lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=chunk)), knobs
+
+
+impls: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
+    "flash (cuDNN)": (lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod()), {}),
+    "linear chunk 64": linear(64),
+    "linear chunk 128": linear(128),
+    "linear chunk 128 xla bwd": linear(128, fused_bwd=False),
+    "linear chunk 128 vsplit 64": linear(128, value_block=64),
+    "linear chunk 128 vsplit 64 outputs 4 warps": linear(128, value_block=64, warps={"outputs": 4}),
+    "linear chunk 128 states 4 warps": linear(128, warps={"states": 4}),
+    "linear chunk 128 grad 4 warps": linear(
+        128, warps={"grad_states": 4, "grad_query": 4, "grad_key_value": 4}
+    ),
+    "linear chunk 64 grad 4 warps": linear(
+        64, warps={"grad_states": 4, "grad_query": 4, "grad_key_value": 4}
+    ),
+    "linear chunk 128 xla": (
+        lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=128, use_pallas=False),
+        {},
+    ),
+}
+rows: list[dict[str, Any]] = []
+for name, (fn, knobs) in impls.items():
+    configure(**knobs)
     forward, both = fwd_and_bwd(fn)
-    args = (q, k, v, g) if name.startswith("flash") else tuple(bhtd[id(x)] for x in (q, k, v, g))
+    inputs = (q, k, v, g) if name.startswith("flash") else (q_h, k_h, v_h, g_h)
     try:
-        row = dict(impl=name, fwd_ms=timed(forward, *args[:3]), fwdbwd_ms=timed(both, *args))
+        row: dict[str, Any] = dict(impl=name, fwd_ms=timed(forward, *inputs[:3]), fwdbwd_ms=timed(both, *inputs))
     except Exception as error:  # a probe records failures and goes on
-        row = dict(impl=name, error=str(error).splitlines()[0][:200])
+        row = dict(impl=name, error=str(error).splitlines()[0][:300])
     rows.append(row)
     print(row, flush=True)
+configure()
+
 flash = rows[0]
 for row in rows[1:]:
     if "fwd_ms" in row and "fwd_ms" in flash:
         row["speedup_vs_flash_fwd"] = flash["fwd_ms"] / row["fwd_ms"]
         row["speedup_vs_flash_fwdbwd"] = flash["fwdbwd_ms"] / row["fwdbwd_ms"]
-        print(f"{row['impl']:18s} fwd {row['speedup_vs_flash_fwd']:.2f}x  fwd+bwd {row['speedup_vs_flash_fwdbwd']:.2f}x", flush=True)
-with open(os.path.join(OUT, "linear_chunks.json"), "w") as fh:
-    json.dump({"device": jax.devices()[0].device_kind, "config": "B1 S16384 H16 D128 bf16 causal", "rows": rows}, fh, indent=1)
+print(f"{'impl':44s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd x':>6s} {'f+b x':>6s}")
+for row in rows:
+    if "fwd_ms" in row:
+        print(
+            f"{row['impl']:44s} {row['fwd_ms']:8.3f} {row['fwdbwd_ms']:8.3f} "
+            f"{row.get('speedup_vs_flash_fwd', 1.0):6.2f} {row.get('speedup_vs_flash_fwdbwd', 1.0):6.2f}"
+        )
+
+stages: list[dict[str, Any]] = []
+if args.stages:
+    chunk, scale = 128, 1.0
+    INTERPRET = jax.default_backend() != "gpu"  # a CPU smoke run of this script
+    prefix = _linear._exclusive_prefix_sum
+    forward = jax.jit(
+        lambda q, k, v: _linear_pallas.fused_causal_forward(
+            q, k, v, chunk=chunk, scale=scale, exclusive_prefix_sum=prefix, interpret=INTERPRET
+        )
+    )
+    out, saved = forward(q_h, k_h, v_h)
+    states, norms = jax.jit(
+        lambda k, v: _linear_pallas._chunk_states(k, v, chunk=chunk, interpret=INTERPRET)
+    )(k_h, v_h)
+    stage_fns: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
+        "fwd: chunk_states kernel": (
+            jax.jit(lambda k, v: _linear_pallas._chunk_states(k, v, chunk=chunk, interpret=INTERPRET)),
+            (k_h, v_h),
+        ),
+        "fwd: prefix sums (XLA)": (
+            jax.jit(lambda s, n: (prefix(s, out_dtype=s.dtype), prefix(n))),
+            (states, norms),
+        ),
+        "fwd: chunk_outputs kernel": (
+            jax.jit(
+                lambda q, k, v, s, n: _linear_pallas._chunk_outputs(
+                    q, k, v, s, n, chunk=chunk, scale=scale, interpret=INTERPRET
+                )
+            ),
+            (q_h, k_h, v_h, saved.prefix_states, saved.prefix_norms),
+        ),
+        "fwd: whole": (forward, (q_h, k_h, v_h)),
+        "bwd: whole (fused)": (
+            jax.jit(
+                lambda q, k, v, o, r, g: _linear_pallas_vjp.fused_causal_backward(
+                    q, k, v, o, r, g, chunk=chunk, scale=scale, exclusive_prefix_sum=prefix,
+                    interpret=INTERPRET,
+                )
+            ),
+            (q_h, k_h, v_h, out, saved, g_h),
+        ),
+    }
+    for name, (fn, inputs) in stage_fns.items():
+        try:
+            stage = dict(stage=name, ms=timed(fn, *inputs))
+        except Exception as error:
+            stage = dict(stage=name, error=str(error).splitlines()[0][:300])
+        stages.append(stage)
+        print(stage, flush=True)
+
+os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+with open(args.out, "w") as fh:
+    json.dump(
+        {
+            "device": jax.devices()[0].device_kind,
+            "config": f"B1 S{S} H16 D128 bf16 causal",
+            "timer": f"median of {args.samples} samples of {args.calls} back-to-back calls",
+            "rows": rows,
+            "stages": stages,
+        },
+        fh,
+        indent=1,
+    )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from attnax._mods import causal_mod
+from attnax.kernels import _linear_pallas
 from attnax.kernels._linear import linear_attention
 from tests._reference import random_qkv, relative_error
 
@@ -285,6 +286,29 @@ def test_fused_kernels_bf16_interpreted() -> None:
     out = linear_attention(q, k, v, chunk_size=16, use_pallas=True, interpret=True)
     assert out.dtype == jnp.bfloat16
     assert relative_error(out, linear_reference(q, k, v, causal=True)) < 2e-2
+    weights = jnp.sin(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape))
+
+    def loss(use_pallas: bool) -> Any:
+        return lambda *a: jnp.sum(
+            linear_attention(*a, chunk_size=16, use_pallas=use_pallas, interpret=use_pallas)
+            .astype(jnp.float32)
+            * weights
+        )
+
+    got = jax.grad(loss(True), argnums=(0, 1, 2))(q, k, v)
+    as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = jax.grad(loss(False), argnums=(0, 1, 2))(*as_f32)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert g.dtype == jnp.bfloat16
+        assert relative_error(g, w) < 3e-2, name
+
+
+def test_fused_output_value_split_interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output kernel split over value columns (two programs per chunk) gives the same."""
+    q, k, v = random_qkv(25, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16)
+    monkeypatch.setitem(_linear_pallas.VALUE_BLOCK, "outputs", 8)
+    out = linear_attention(q, k, v, chunk_size=16, use_pallas=True, interpret=True)
+    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -299,21 +323,31 @@ def test_fused_refusals_name_the_reason(causal: bool, padded: bool, match: str) 
 
 
 @pytest.mark.gpu
-def test_fused_kernels_on_gpu() -> None:
-    """Compiled Triton kernels (bf16, GQA) against the XLA formulation, values and gradients."""
+@pytest.mark.parametrize(
+    ("num_kv_heads", "head_dim", "chunk_size"), [(2, 64, 64), (8, 128, 128)]
+)
+def test_fused_kernels_on_gpu(num_kv_heads: int, head_dim: int, chunk_size: int) -> None:
+    """Compiled Triton kernels (bf16) against the XLA formulation, values and gradients."""
     q, k, v = random_qkv(
-        24, num_heads=8, num_kv_heads=2, seq_q=512, head_dim=64, dtype=jnp.bfloat16
+        24, num_heads=8, num_kv_heads=num_kv_heads, seq_q=512, head_dim=head_dim,
+        dtype=jnp.bfloat16,
     )
-    assert "attnax_linear_chunk_outputs" in str(
-        jax.make_jaxpr(lambda *a: linear_attention(*a, chunk_size=64))(q, k, v)
-    )
+    weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape))
 
     def loss(use_pallas: bool) -> Any:
         return lambda *a: jnp.sum(
-            linear_attention(*a, chunk_size=64, use_pallas=use_pallas).astype(jnp.float32)
+            linear_attention(*a, chunk_size=chunk_size, use_pallas=use_pallas).astype(
+                jnp.float32
+            )
+            * weights
         )
 
-    fused = jax.jit(lambda *a: linear_attention(*a, chunk_size=64, use_pallas=True))(q, k, v)
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(loss(True), argnums=(0, 1, 2)))(q, k, v))
+    for kernel in ("chunk_outputs", "grad_states", "grad_query", "grad_key_value"):
+        assert f"attnax_linear_{kernel}" in grad_jaxpr, kernel
+    fused = jax.jit(lambda *a: linear_attention(*a, chunk_size=chunk_size, use_pallas=True))(
+        q, k, v
+    )
     assert relative_error(fused, linear_reference(q, k, v, causal=True)) < 2e-2
     got = jax.jit(jax.grad(loss(True), argnums=(0, 1, 2)))(q, k, v)
     want = jax.jit(jax.grad(loss(False), argnums=(0, 1, 2)))(q, k, v)

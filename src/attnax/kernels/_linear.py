@@ -14,9 +14,10 @@ where :math:`A(t)` is the set of allowed keys (all unpadded keys, and only those
 
 The causal form is chunkwise parallel: inside a chunk of ``chunk_size`` positions a masked
 (chunk × chunk) quadratic term, across chunks the (D × D) state of all earlier chunks, whose
-prefix over chunks is one parallel matmul. On a GPU the causal forward runs as two fused Pallas
-kernels around that prefix (:mod:`attnax.kernels._linear_pallas`); elsewhere, and for the
-backward, as the XLA formulation below.
+prefix over chunks is one parallel matmul. On a GPU the causal form runs as fused Pallas
+kernels around that prefix, forward (:mod:`attnax.kernels._linear_pallas`) and backward
+(:mod:`attnax.kernels._linear_pallas_vjp`, around a suffix sum of the same kind); elsewhere as
+the XLA formulation below, differentiated by autodiff.
 """
 
 import functools
@@ -37,7 +38,8 @@ from .._typing import (
     ValueArray,
 )
 from ._common import accumulation_dtype, check_dropout, check_mask, check_qkv
-from ._linear_pallas import fused_causal_forward, fused_unsupported_reason
+from ._linear_pallas import ForwardResiduals, fused_causal_forward, fused_unsupported_reason
+from ._linear_pallas_vjp import fused_causal_backward
 
 __all__ = ["linear_attention"]
 
@@ -101,27 +103,33 @@ def _safe_divide(
 
 
 def _exclusive_prefix_sum(
-    x: Float[Array, "B Hk N *rest"], out_dtype: Any = jnp.float32
+    x: Float[Array, "B Hk N *rest"], out_dtype: Any = jnp.float32, *, reverse: bool = False
 ) -> Float[Array, "B Hk N *rest"]:
-    """Sums of the earlier chunks' terms (axis 2): one matmul with a 0/1 lower matrix.
+    """Sums of the earlier chunks' terms (axis 2; the later ones with ``reverse``): one matmul.
 
     ``jnp.cumsum`` lowers to a reduce-window that XLA:GPU expands into a log-depth tree of
     passes over the whole (N, D, D) state array (and the same again, reversed, in the
-    backward); the matmul reads and writes it once, with N·N·D² multiply-adds that are cheap at
-    N = T / chunk_size. It accumulates in float32 and rounds once to ``out_dtype``; HIGHEST
-    keeps float32 inputs unrounded (no TF32), and bf16 inputs are exact in a bf16 matmul with
-    0/1 coefficients.
+    backward); the matmul with a 0/1 triangular matrix reads and writes it once, with N·N·D²
+    multiply-adds that are cheap at N = T / chunk_size. It accumulates in float32 and rounds
+    once to ``out_dtype``; HIGHEST keeps float32 inputs unrounded (no TF32), and bf16 inputs
+    are exact in a bf16 matmul with 0/1 coefficients.
     """
     num_chunks = x.shape[2]
-    earlier = jnp.tril(jnp.ones((num_chunks, num_chunks), x.dtype), k=-1)
+    ones = jnp.ones((num_chunks, num_chunks), x.dtype)
+    chosen = jnp.triu(ones, k=1) if reverse else jnp.tril(ones, k=-1)
     summed: Array = jnp.einsum(
         "nm,bkm...->bkn...",
-        earlier,
+        chosen,
         x,
         precision=jax.lax.Precision.HIGHEST,
         preferred_element_type=out_dtype,
     )
     return summed
+
+
+# Whether the fused forward's backward is the fused Pallas one (else the XLA formulation's
+# autodiff); read at trace time, so benchmarks/linear_chunks.py can time both.
+FUSED_BACKWARD = True
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -134,8 +142,8 @@ def _fused_causal(
     precision: jax.lax.PrecisionLike,
     interpret: bool,
 ) -> Float[Array, "B H T D"]:
-    """Pallas forward (:mod:`._linear_pallas`); backward: autodiff of the XLA formulation."""
-    return fused_causal_forward(
+    """Pallas forward (:mod:`._linear_pallas`) and backward (:mod:`._linear_pallas_vjp`)."""
+    out, _ = fused_causal_forward(
         query,
         key,
         value,
@@ -144,6 +152,10 @@ def _fused_causal(
         exclusive_prefix_sum=_exclusive_prefix_sum,
         interpret=interpret,
     )
+    return out
+
+
+_FusedResiduals = tuple[Array, Array, Array, Array, ForwardResiduals]
 
 
 def _fused_causal_fwd(
@@ -154,9 +166,17 @@ def _fused_causal_fwd(
     scale: float,
     precision: jax.lax.PrecisionLike,
     interpret: bool,
-) -> tuple[Array, tuple[Array, Array, Array]]:
-    out = _fused_causal(query, key, value, chunk, scale, precision, interpret)
-    return out, (query, key, value)
+) -> tuple[Array, _FusedResiduals]:
+    out, saved = fused_causal_forward(
+        query,
+        key,
+        value,
+        chunk=chunk,
+        scale=scale,
+        exclusive_prefix_sum=_exclusive_prefix_sum,
+        interpret=interpret,
+    )
+    return out, (query, key, value, out, saved)
 
 
 def _fused_causal_bwd(
@@ -164,15 +184,30 @@ def _fused_causal_bwd(
     scale: float,
     precision: jax.lax.PrecisionLike,
     interpret: bool,
-    residuals: tuple[Array, Array, Array],
+    residuals: _FusedResiduals,
     d_out: Array,
 ) -> tuple[Array, Array, Array]:
+    query, key, value, out, saved = residuals
+    if FUSED_BACKWARD:
+        return fused_causal_backward(
+            query,
+            key,
+            value,
+            out,
+            saved,
+            d_out,
+            chunk=chunk,
+            scale=scale,
+            exclusive_prefix_sum=_exclusive_prefix_sum,
+            interpret=interpret,
+        )
+
     def xla_forward(q: Array, k: Array, v: Array) -> Array:
         return _xla_linear(
             q, k, v, None, causal=True, chunk_size=chunk, scale=scale, precision=precision
         )
 
-    _, vjp = jax.vjp(xla_forward, *residuals)
+    _, vjp = jax.vjp(xla_forward, query, key, value)
     grads: tuple[Array, Array, Array] = vjp(d_out)
     return grads
 
@@ -332,7 +367,7 @@ def linear_attention(
     ``chunk_size`` positions plus the (head_dim × head_dim) state of all earlier chunks, so
     memory is O(T·D + T/chunk_size·D²) per head and no (T, S) matrix exists. Non-causal
     attention uses the global sums (``chunk_size`` is then ignored). Gradients come from
-    autodiff through this computation.
+    autodiff through this computation, or from the fused backward kernels (``use_pallas``).
 
     Args:
       query: (batch, heads, seq_q, head_dim).
@@ -354,9 +389,9 @@ def linear_attention(
       precision: matmul precision (``jax.lax.Precision.HIGHEST`` for float32 references).
       use_pallas: causal attention without a key mask can run as two fused Pallas kernels
         (per-chunk states, then per-chunk outputs; the prefix over chunks stays one XLA
-        matmul), which keep the feature maps, weights and numerators on chip; the backward is
-        the XLA formulation's. ``None`` (default): fused on a GPU for bf16/fp16 inputs with
-        power-of-two head_dim and chunk in [16, 256], else XLA. ``True``: fused or
+        matmul), which keep the feature maps, weights and numerators on chip, and its
+        backward as three more kernels of the same shape. ``None`` (default): fused on a GPU
+        for bf16/fp16 inputs with power-of-two head_dim and chunk in [16, 256], else XLA. ``True``: fused or
         ``NotImplementedError`` with the reason. ``False``: XLA.
       interpret: run the fused kernels in the Pallas interpreter (CPU tests; float32 allowed).
 

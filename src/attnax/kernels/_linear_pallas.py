@@ -14,11 +14,12 @@ are each as large as the inputs. Two kernels keep all of that on chip:
 
 Rounding matches the XLA path (bf16 feature maps, states and weights entering matmuls,
 float32 accumulation), so both paths agree to bf16 precision. The backward is the XLA
-formulation's autodiff (a ``custom_vjp`` that recomputes), so gradients equal the XLA path's.
+backward (:mod:`._linear_pallas_vjp`) has the same two-pass shape and uses the denominator and
+prefix states this forward saves.
 """
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,13 @@ from jaxtyping import Array, Float
 
 from ._decode import _gpu_compiler_params, _is_power_of_two
 
-__all__ = ["fused_causal_forward", "fused_unsupported_reason"]
+__all__ = [
+    "ForwardResiduals",
+    "compiler_params",
+    "feature_map",
+    "fused_causal_forward",
+    "fused_unsupported_reason",
+]
 
 _MAX_TILE = 256
 
@@ -43,13 +50,13 @@ def fused_unsupported_reason(*, dtype: Any, head_dim: int, chunk: int) -> str | 
     return None
 
 
-def _feature_map(x: Any) -> Any:
+def feature_map(x: Any) -> Any:
     # elu(x) + 1, written with exp and where (what the Triton lowering has).
     return jnp.where(x > 0, x + 1.0, jnp.exp(jnp.minimum(x, 0.0)))
 
 
 def _chunk_state_kernel(k_ref: Any, v_ref: Any, state_ref: Any, norm_ref: Any) -> None:
-    phi_k = _feature_map(k_ref[...].astype(jnp.float32)).astype(v_ref.dtype)
+    phi_k = feature_map(k_ref[...].astype(jnp.float32)).astype(v_ref.dtype)
     state = jax.lax.dot_general(
         phi_k, v_ref[...], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
@@ -64,15 +71,19 @@ def _chunk_output_kernel(
     state_ref: Any,
     norm_ref: Any,
     out_ref: Any,
+    denominator_ref: Any,
     *,
     scale: float,
 ) -> None:
+    # With a value-column split (VALUE_BLOCK), v_ref, state_ref and out_ref hold this
+    # program's columns; the weights and the denominator span every column, so each of the
+    # chunk's programs recomputes them and writes the same denominator.
     operand = v_ref.dtype
     q = q_ref[...].astype(jnp.float32)
     if scale != 1.0:
         q = q * scale
-    phi_q = _feature_map(q).astype(operand)
-    phi_k = _feature_map(k_ref[...].astype(jnp.float32)).astype(operand)
+    phi_q = feature_map(q).astype(operand)
+    phi_k = feature_map(k_ref[...].astype(jnp.float32)).astype(operand)
     chunk = phi_q.shape[0]
     weights = jax.lax.dot_general(
         phi_q, phi_k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
@@ -93,14 +104,26 @@ def _chunk_output_kernel(
     safe = jnp.where(positive, denominator, 1.0)
     out = jnp.where(positive[:, None], numerator / safe[:, None], 0.0)
     out_ref[...] = out.astype(out_ref.dtype)
+    # Saved for the backward (one float per query row): it needs 1/denominator, and
+    # recomputing it would take the chunk's keys and a (C, C) matmul more.
+    denominator_ref[...] = denominator
 
 
 # Triton warps per program of each kernel; read at trace time (benchmarks/linear_chunks.py
 # sweeps them). No kernel has a loop, so there is nothing to pipeline (one stage).
-NUM_WARPS = {"states": 8, "outputs": 8}
+NUM_WARPS = {
+    "states": 8,
+    "outputs": 8,
+    "grad_states": 8,
+    "grad_query": 8,
+    "grad_key_value": 8,
+}
+# Value columns per program of the output kernel (0: all of head_dim). A split gives each
+# chunk several programs with smaller accumulators; they share the chunk's q and k through L2.
+VALUE_BLOCK = {"outputs": 0}
 
 
-def _compiler_params(kernel: str, interpret: bool) -> Any:
+def compiler_params(kernel: str, interpret: bool) -> Any:
     return _gpu_compiler_params(NUM_WARPS[kernel], 1, interpret)
 
 
@@ -124,7 +147,7 @@ def _chunk_states(
             ),  # type: ignore[no-untyped-call]
             jax.ShapeDtypeStruct((batch, num_kv_heads, num_chunks, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
         ],
-        compiler_params=_compiler_params("states", interpret),
+        compiler_params=compiler_params("states", interpret),
         interpret=interpret,
         name="attnax_linear_chunk_states",
     )(key, value)
@@ -141,31 +164,53 @@ def _chunk_outputs(
     chunk: int,
     scale: float,
     interpret: bool,
-) -> Float[Array, "B H T D"]:
+) -> tuple[Float[Array, "B H T D"], Float[Array, "B H T"]]:
     batch, num_heads, seq, head_dim = query.shape
     group = num_heads // key.shape[1]
     num_chunks = seq // chunk
-    q_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n: (b, h, n, 0))
-    kv_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n: (b, h // group, n, 0))
-    out: Array = pl.pallas_call(
+    value_block = VALUE_BLOCK["outputs"] or head_dim
+    if head_dim % value_block:
+        raise ValueError(f"VALUE_BLOCK {value_block} does not divide head_dim {head_dim}")
+    # The value-column axis is the grid's last, so a chunk's programs run side by side and
+    # read its queries and keys from L2 after the first.
+    grid = (batch, num_heads, num_chunks, head_dim // value_block)
+    q_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n, j: (b, h, n, 0))
+    k_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n, j: (b, h // group, n, 0))
+    v_tile = pl.BlockSpec(
+        (None, None, chunk, value_block), lambda b, h, n, j: (b, h // group, n, j)
+    )
+    out_tile = pl.BlockSpec((None, None, chunk, value_block), lambda b, h, n, j: (b, h, n, j))
+    out, denominator = pl.pallas_call(
         functools.partial(_chunk_output_kernel, scale=scale),
-        grid=(batch, num_heads, num_chunks),
+        grid=grid,
         in_specs=[
             q_tile,
-            kv_tile,
-            kv_tile,
+            k_tile,
+            v_tile,
             pl.BlockSpec(
-                (None, None, None, head_dim, head_dim), lambda b, h, n: (b, h // group, n, 0, 0)
+                (None, None, None, head_dim, value_block),
+                lambda b, h, n, j: (b, h // group, n, 0, j),
             ),
-            pl.BlockSpec((None, None, None, head_dim), lambda b, h, n: (b, h // group, n, 0)),
+            pl.BlockSpec((None, None, None, head_dim), lambda b, h, n, j: (b, h // group, n, 0)),
         ],
-        out_specs=q_tile,
-        out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),  # type: ignore[no-untyped-call]
-        compiler_params=_compiler_params("outputs", interpret),
+        out_specs=[out_tile, pl.BlockSpec((None, None, chunk), lambda b, h, n, j: (b, h, n))],
+        out_shape=[
+            jax.ShapeDtypeStruct(query.shape, query.dtype),  # type: ignore[no-untyped-call]
+            jax.ShapeDtypeStruct((batch, num_heads, seq), jnp.float32),  # type: ignore[no-untyped-call]
+        ],
+        compiler_params=compiler_params("outputs", interpret),
         interpret=interpret,
         name="attnax_linear_chunk_outputs",
     )(query, key, value, states, norms)
-    return out
+    return out, denominator
+
+
+class ForwardResiduals(NamedTuple):
+    """What the fused backward needs from the forward besides q, k, v and the output."""
+
+    denominator: Float[Array, "B H T"]
+    prefix_states: Float[Array, "B Hk N D D"]
+    prefix_norms: Float[Array, "B Hk N D"]
 
 
 def fused_causal_forward(
@@ -177,13 +222,13 @@ def fused_causal_forward(
     scale: float,
     exclusive_prefix_sum: Any,
     interpret: bool,
-) -> Float[Array, "B H T D"]:
+) -> tuple[Float[Array, "B H T D"], ForwardResiduals]:
     """Causal chunkwise linear attention, T a multiple of ``chunk``, no key mask."""
     states, norms = _chunk_states(key, value, chunk=chunk, interpret=interpret)
     # The prefix states leave their matmul in the input dtype (float32 accumulation inside).
     prefix_states = exclusive_prefix_sum(states, out_dtype=value.dtype)
     prefix_norms = exclusive_prefix_sum(norms)
-    return _chunk_outputs(
+    out, denominator = _chunk_outputs(
         query,
         key,
         value,
@@ -193,3 +238,4 @@ def fused_causal_forward(
         scale=scale,
         interpret=interpret,
     )
+    return out, ForwardResiduals(denominator, prefix_states, prefix_norms)
