@@ -40,7 +40,9 @@ B, H, S, D = 1, 16, args.seq, 128
 keys = jax.random.split(jax.random.key(0), 4)
 q, k, v, g = (jax.random.normal(key, (B, S, H, D), jnp.bfloat16) for key in keys)
 q_h, k_h, v_h, g_h = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, g))
-DEFAULTS = (dict(_linear_pallas.NUM_WARPS), dict(_linear_pallas.VALUE_BLOCK))
+DEFAULTS = tuple(
+    dict(d) for d in (_linear_pallas.NUM_WARPS, _linear_pallas.NUM_STAGES, _linear_pallas.CHUNKS_PER_PROGRAM)
+)
 
 
 def timed(fn: Callable[..., Any], *inputs: Any) -> float:
@@ -63,11 +65,23 @@ def fwd_and_bwd(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..
     return jax.jit(fn), jax.jit(both)
 
 
-def configure(warps: dict[str, int] | None = None, value_block: int = 0, fused_bwd: bool = True) -> None:
-    _linear_pallas.NUM_WARPS.clear()
-    _linear_pallas.NUM_WARPS.update(DEFAULTS[0], **(warps or {}))
-    _linear_pallas.VALUE_BLOCK["outputs"] = value_block
+def configure(
+    warps: dict[str, int] | None = None,
+    stages: dict[str, int] | None = None,
+    per_program: dict[str, int] | None = None,
+    fused_bwd: bool = True,
+    min_chunk: int = 128,
+) -> None:
+    for knob, default, override in zip(
+        (_linear_pallas.NUM_WARPS, _linear_pallas.NUM_STAGES, _linear_pallas.CHUNKS_PER_PROGRAM),
+        DEFAULTS,
+        (warps, stages, per_program),
+        strict=True,
+    ):
+        knob.clear()
+        knob.update(default, **(override or {}))
     _linear.FUSED_BACKWARD = fused_bwd
+    _linear.FUSED_MIN_CHUNK = min_chunk
     # The knobs are read when the kernels are traced; inner jits cache their traces.
     jax.clear_caches()
 
@@ -78,17 +92,22 @@ def linear(chunk: int, **knobs: Any) -> tuple[Callable[..., Any], dict[str, Any]
 
 impls: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "flash (cuDNN)": (lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod()), {}),
-    "linear chunk 64": linear(64),
+    "linear default (chunk_size=64)": linear(64),
+    "linear chunk 64 kernels": linear(64, min_chunk=0),
     "linear chunk 128": linear(128),
     "linear chunk 128 xla bwd": linear(128, fused_bwd=False),
-    "linear chunk 128 vsplit 64": linear(128, value_block=64),
-    "linear chunk 128 vsplit 64 outputs 4 warps": linear(128, value_block=64, warps={"outputs": 4}),
-    "linear chunk 128 states 4 warps": linear(128, warps={"states": 4}),
-    "linear chunk 128 grad 4 warps": linear(
-        128, warps={"grad_states": 4, "grad_query": 4, "grad_key_value": 4}
+    "linear chunk 128 states 2/program 2 stages": linear(
+        128, per_program={"states": 2}, stages={"states": 2}
     ),
-    "linear chunk 64 grad 4 warps": linear(
-        64, warps={"grad_states": 4, "grad_query": 4, "grad_key_value": 4}
+    "linear chunk 128 states 4/program 2 stages": linear(
+        128, per_program={"states": 4}, stages={"states": 2}
+    ),
+    "linear chunk 128 states 2/program 3 stages": linear(
+        128, per_program={"states": 2}, stages={"states": 3}
+    ),
+    "linear chunk 128 outputs 2/program 1 stage": linear(128, per_program={"outputs": 2}),
+    "linear chunk 128 outputs 2/program 2 stages": linear(
+        128, per_program={"outputs": 2}, stages={"outputs": 2}
     ),
     "linear chunk 128 xla": (
         lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=128, use_pallas=False),
@@ -139,6 +158,21 @@ if args.stages:
         "fwd: chunk_states kernel": (
             jax.jit(lambda k, v: _linear_pallas._chunk_states(k, v, chunk=chunk, interpret=INTERPRET)),
             (k_h, v_h),
+        ),
+        "fwd: prefix sums, before (unbatched 0/1 matrix, HIGHEST)": (
+            jax.jit(
+                lambda s, n: tuple(
+                    jnp.einsum(
+                        "nm,bkm...->bkn...",
+                        jnp.tril(jnp.ones((x.shape[2],) * 2, x.dtype), k=-1),
+                        x,
+                        precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=t,
+                    )
+                    for x, t in ((s, s.dtype), (n, jnp.float32))
+                )
+            ),
+            (states, norms),
         ),
         "fwd: prefix sums (XLA)": (
             jax.jit(lambda s, n: (prefix(s, out_dtype=s.dtype), prefix(n))),

@@ -10,7 +10,7 @@ import pytest
 
 from attnax._mods import causal_mod
 from attnax.kernels import _linear_pallas
-from attnax.kernels._linear import linear_attention
+from attnax.kernels._linear import _fused_chunk, linear_attention
 from tests._reference import random_qkv, relative_error
 
 
@@ -303,12 +303,36 @@ def test_fused_kernels_bf16_interpreted() -> None:
         assert relative_error(g, w) < 3e-2, name
 
 
-def test_fused_output_value_split_interpreted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The output kernel split over value columns (two programs per chunk) gives the same."""
-    q, k, v = random_qkv(25, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16)
-    monkeypatch.setitem(_linear_pallas.VALUE_BLOCK, "outputs", 8)
+def test_fused_kernels_raise_short_chunks_to_128_interpreted() -> None:
+    """chunk_size=16 over 256 positions runs the kernels with 128-position chunks, same result."""
+    assert [_fused_chunk(c, t) for c, t in [(64, 16384), (16, 256), (16, 192), (256, 512)]] == [
+        128,
+        128,
+        16,
+        256,
+    ]
+    q, k, v = random_qkv(26, num_heads=2, num_kv_heads=1, seq_q=256, head_dim=8)
     out = linear_attention(q, k, v, chunk_size=16, use_pallas=True, interpret=True)
     assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
+
+
+@pytest.mark.parametrize("per_program", [2, 3])
+def test_fused_several_chunks_per_program_interpreted(
+    monkeypatch: pytest.MonkeyPatch, per_program: int
+) -> None:
+    """Forward kernels looping over several chunks per program (3 rounds down to 2 of 4)."""
+    q, k, v = random_qkv(25, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16)
+    monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, "states", per_program)
+    monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, "outputs", per_program)
+    fused = lambda *a: linear_attention(*a, chunk_size=16, use_pallas=True, interpret=True)  # noqa: E731
+    assert relative_error(fused(q, k, v), linear_reference(q, k, v, causal=True)) < 1e-5
+    got = jax.grad(lambda *a: jnp.sum(jnp.sin(fused(*a))), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(
+        lambda *a: jnp.sum(jnp.sin(linear_attention(*a, chunk_size=16, use_pallas=False))),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert relative_error(g, w) < 1e-5, name
 
 
 @pytest.mark.parametrize(

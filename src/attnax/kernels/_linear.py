@@ -111,20 +111,45 @@ def _exclusive_prefix_sum(
     passes over the whole (N, D, D) state array (and the same again, reversed, in the
     backward); the matmul with a 0/1 triangular matrix reads and writes it once, with N·N·D²
     multiply-adds that are cheap at N = T / chunk_size. It accumulates in float32 and rounds
-    once to ``out_dtype``; HIGHEST keeps float32 inputs unrounded (no TF32), and bf16 inputs
-    are exact in a bf16 matmul with 0/1 coefficients.
+    once to ``out_dtype``.
     """
     num_chunks = x.shape[2]
     ones = jnp.ones((num_chunks, num_chunks), x.dtype)
     chosen = jnp.triu(ones, k=1) if reverse else jnp.tril(ones, k=-1)
+    # Batched over (B, Hk) on both sides, so the product comes out in x's own layout (an
+    # unbatched 0/1 matrix makes XLA transpose the result afterwards); the broadcast is N²
+    # elements per head.
+    chosen = jnp.broadcast_to(chosen, x.shape[:2] + chosen.shape)
     summed: Array = jnp.einsum(
-        "nm,bkm...->bkn...",
+        "bknm,bkm...->bkn...",
         chosen,
         x,
-        precision=jax.lax.Precision.HIGHEST,
+        precision=_PREFIX_PRECISION.get(jnp.dtype(x.dtype), jax.lax.Precision.HIGHEST),
         preferred_element_type=out_dtype,
     )
     return summed
+
+
+# bf16/fp16 terms are exact in a half-precision matmul with 0/1 coefficients and float32
+# accumulation, so they need no more than DEFAULT; float32 terms need HIGHEST (no TF32).
+_PREFIX_PRECISION = {
+    jnp.dtype(jnp.bfloat16): jax.lax.Precision.DEFAULT,
+    jnp.dtype(jnp.float16): jax.lax.Precision.DEFAULT,
+}
+
+
+# The fused kernels' shortest chunk. Chunks only set how the sums are split (the result is
+# the same up to rounding), and on an H100 at head_dim 128 the kernels run fastest at 128 (chunk
+# 64 writes twice the (D, D) states: 0.63 ms against 0.48 forward, benchmarks/NOTES.md), so a
+# shorter chunk_size is raised to this where the length is a multiple of it. 0 turns it off.
+FUSED_MIN_CHUNK = 128
+
+
+def _fused_chunk(chunk_size: int, seq: int) -> int:
+    chunk = min(chunk_size, seq)
+    if chunk < FUSED_MIN_CHUNK and seq % FUSED_MIN_CHUNK == 0:
+        return FUSED_MIN_CHUNK
+    return chunk
 
 
 # Whether the fused forward's backward is the fused Pallas one (else the XLA formulation's
@@ -233,7 +258,7 @@ def _linear_attention(
     interpret: bool,
 ) -> Float[Array, "B H T D"]:
     if fused:
-        chunk = min(chunk_size, query.shape[2])
+        chunk = _fused_chunk(chunk_size, query.shape[2])
         out: Array = _fused_causal(query, key, value, chunk, scale, precision, interpret)
         return out
     return _xla_linear(
@@ -382,7 +407,9 @@ def linear_attention(
       deterministic: dropout is off when True.
       causal: query ``t`` attends to keys ``0..t`` (needs seq_q == seq_kv).
       chunk_size: chunk length of the causal form; seq_q must be a multiple of it, or at most
-        it (one chunk). Ignored when not causal.
+        it (one chunk). Ignored when not causal. The fused kernels (``use_pallas``) raise a
+        shorter chunk to 128 where seq_q is a multiple of 128: chunks change only how the sums
+        are split, and 128 is the fastest on an H100.
       scale: multiplies the query before the feature map. Default None means 1.0, as in the
         paper: unlike softmax, :math:`\phi` has no temperature to correct, and
         ``1/sqrt(head_dim)`` would only squash queries towards :math:`\phi(0) = 1`.
@@ -445,7 +472,7 @@ def linear_attention(
         key_mask=key_mask,
         dtype=query.dtype,
         head_dim=query.shape[-1],
-        chunk=min(chunk_size, seq_q),
+        chunk=_fused_chunk(chunk_size, seq_q),
         name=name,
     )
     out: AttentionOutput = _linear_attention(

@@ -55,13 +55,37 @@ def feature_map(x: Any) -> Any:
     return jnp.where(x > 0, x + 1.0, jnp.exp(jnp.minimum(x, 0.0)))
 
 
-def _chunk_state_kernel(k_ref: Any, v_ref: Any, state_ref: Any, norm_ref: Any) -> None:
-    phi_k = feature_map(k_ref[...].astype(jnp.float32)).astype(v_ref.dtype)
-    state = jax.lax.dot_general(
-        phi_k, v_ref[...], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    state_ref[...] = state.astype(state_ref.dtype)
-    norm_ref[...] = jnp.sum(phi_k.astype(jnp.float32), axis=0)
+def _for_each_chunk(rows: int, chunk: int, body: Any) -> None:
+    """Runs ``body(i)`` for each of a program's ``rows // chunk`` chunks (in a loop if several).
+
+    Several chunks per program (CHUNKS_PER_PROGRAM) give Triton a loop whose next chunk's
+    loads it can issue while the current chunk computes (num_stages > 1).
+    """
+    count = rows // chunk
+    if count == 1:
+        body(0)
+        return
+
+    def step(i: Any, carry: Any) -> Any:
+        body(i)
+        return carry
+
+    jax.lax.fori_loop(0, count, step, 0)
+
+
+def _chunk_state_kernel(
+    k_ref: Any, v_ref: Any, state_ref: Any, norm_ref: Any, *, chunk: int
+) -> None:
+    def one_chunk(i: Any) -> None:
+        rows = pl.ds(i * chunk, chunk)
+        phi_k = feature_map(k_ref[rows, :].astype(jnp.float32)).astype(v_ref.dtype)
+        state = jax.lax.dot_general(
+            phi_k, v_ref[rows, :], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        state_ref[i] = state.astype(state_ref.dtype)
+        norm_ref[i] = jnp.sum(phi_k.astype(jnp.float32), axis=0)
+
+    _for_each_chunk(k_ref.shape[0], chunk, one_chunk)
 
 
 def _chunk_output_kernel(
@@ -73,44 +97,48 @@ def _chunk_output_kernel(
     out_ref: Any,
     denominator_ref: Any,
     *,
+    chunk: int,
     scale: float,
 ) -> None:
-    # With a value-column split (VALUE_BLOCK), v_ref, state_ref and out_ref hold this
-    # program's columns; the weights and the denominator span every column, so each of the
-    # chunk's programs recomputes them and writes the same denominator.
     operand = v_ref.dtype
-    q = q_ref[...].astype(jnp.float32)
-    if scale != 1.0:
-        q = q * scale
-    phi_q = feature_map(q).astype(operand)
-    phi_k = feature_map(k_ref[...].astype(jnp.float32)).astype(operand)
-    chunk = phi_q.shape[0]
-    weights = jax.lax.dot_general(
-        phi_q, phi_k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    weights = jnp.where(rows >= cols, weights, 0.0).astype(operand)
-    numerator = jax.lax.dot_general(
-        weights, v_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    ) + jax.lax.dot_general(
-        phi_q, state_ref[...], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    norm = norm_ref[...].astype(operand).astype(jnp.float32)
-    denominator = jnp.sum(weights.astype(jnp.float32), axis=1) + jnp.sum(
-        phi_q.astype(jnp.float32) * norm[None, :], axis=1
-    )
-    positive = denominator > 0.0
-    safe = jnp.where(positive, denominator, 1.0)
-    out = jnp.where(positive[:, None], numerator / safe[:, None], 0.0)
-    out_ref[...] = out.astype(out_ref.dtype)
-    # Saved for the backward (one float per query row): it needs 1/denominator, and
-    # recomputing it would take the chunk's keys and a (C, C) matmul more.
-    denominator_ref[...] = denominator
+
+    def one_chunk(i: Any) -> None:
+        rows = pl.ds(i * chunk, chunk)
+        q = q_ref[rows, :].astype(jnp.float32)
+        if scale != 1.0:
+            q = q * scale
+        phi_q = feature_map(q).astype(operand)
+        phi_k = feature_map(k_ref[rows, :].astype(jnp.float32)).astype(operand)
+        v = v_ref[rows, :]
+        weights = jax.lax.dot_general(
+            phi_q, phi_k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        row_ids = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+        col_ids = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+        weights = jnp.where(row_ids >= col_ids, weights, 0.0).astype(operand)
+        numerator = jax.lax.dot_general(
+            weights, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        ) + jax.lax.dot_general(
+            phi_q, state_ref[i], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        norm = norm_ref[i].astype(operand).astype(jnp.float32)
+        denominator = jnp.sum(weights.astype(jnp.float32), axis=1) + jnp.sum(
+            phi_q.astype(jnp.float32) * norm[None, :], axis=1
+        )
+        positive = denominator > 0.0
+        safe = jnp.where(positive, denominator, 1.0)
+        out = jnp.where(positive[:, None], numerator / safe[:, None], 0.0)
+        out_ref[rows, :] = out.astype(out_ref.dtype)
+        # Saved for the backward (one float per query row): it needs 1/denominator, and
+        # recomputing it would take the chunk's keys and a (C, C) matmul more.
+        denominator_ref[rows] = denominator
+
+    _for_each_chunk(q_ref.shape[0], chunk, one_chunk)
 
 
-# Triton warps per program of each kernel; read at trace time (benchmarks/linear_chunks.py
-# sweeps them). No kernel has a loop, so there is nothing to pipeline (one stage).
+# Triton warps and pipeline stages per program of each kernel, and chunks per program of the
+# forward kernels; read at trace time (benchmarks/linear_chunks.py sweeps them). A kernel
+# without a loop (one chunk per program) has nothing to pipeline, so its stages do not matter.
 NUM_WARPS = {
     "states": 8,
     "outputs": 8,
@@ -118,13 +146,18 @@ NUM_WARPS = {
     "grad_query": 8,
     "grad_key_value": 8,
 }
-# Value columns per program of the output kernel (0: all of head_dim). A split gives each
-# chunk several programs with smaller accumulators; they share the chunk's q and k through L2.
-VALUE_BLOCK = {"outputs": 0}
+NUM_STAGES = {"states": 1, "outputs": 1}
+CHUNKS_PER_PROGRAM = {"states": 1, "outputs": 1}
 
 
 def compiler_params(kernel: str, interpret: bool) -> Any:
-    return _gpu_compiler_params(NUM_WARPS[kernel], 1, interpret)
+    return _gpu_compiler_params(NUM_WARPS[kernel], NUM_STAGES.get(kernel, 1), interpret)
+
+
+def _chunks_per_program(kernel: str, num_chunks: int) -> int:
+    wanted = CHUNKS_PER_PROGRAM[kernel]
+    # Largest divisor of num_chunks not above the setting: every program gets whole chunks.
+    return max(g for g in range(1, min(wanted, num_chunks) + 1) if num_chunks % g == 0)
 
 
 def _chunk_states(
@@ -132,14 +165,17 @@ def _chunk_states(
 ) -> tuple[Float[Array, "B Hk N D D"], Float[Array, "B Hk N D"]]:
     batch, num_kv_heads, seq, head_dim = key.shape
     num_chunks = seq // chunk
-    tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n: (b, h, n, 0))
+    per_program = _chunks_per_program("states", num_chunks)
+    tile = pl.BlockSpec((None, None, per_program * chunk, head_dim), lambda b, h, n: (b, h, n, 0))
     states, norms = pl.pallas_call(
-        _chunk_state_kernel,
-        grid=(batch, num_kv_heads, num_chunks),
+        functools.partial(_chunk_state_kernel, chunk=chunk),
+        grid=(batch, num_kv_heads, num_chunks // per_program),
         in_specs=[tile, tile],
         out_specs=[
-            pl.BlockSpec((None, None, None, head_dim, head_dim), lambda b, h, n: (b, h, n, 0, 0)),
-            pl.BlockSpec((None, None, None, head_dim), lambda b, h, n: (b, h, n, 0)),
+            pl.BlockSpec(
+                (None, None, per_program, head_dim, head_dim), lambda b, h, n: (b, h, n, 0, 0)
+            ),
+            pl.BlockSpec((None, None, per_program, head_dim), lambda b, h, n: (b, h, n, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct(
@@ -168,32 +204,26 @@ def _chunk_outputs(
     batch, num_heads, seq, head_dim = query.shape
     group = num_heads // key.shape[1]
     num_chunks = seq // chunk
-    value_block = VALUE_BLOCK["outputs"] or head_dim
-    if head_dim % value_block:
-        raise ValueError(f"VALUE_BLOCK {value_block} does not divide head_dim {head_dim}")
-    # The value-column axis is the grid's last, so a chunk's programs run side by side and
-    # read its queries and keys from L2 after the first.
-    grid = (batch, num_heads, num_chunks, head_dim // value_block)
-    q_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n, j: (b, h, n, 0))
-    k_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n, j: (b, h // group, n, 0))
-    v_tile = pl.BlockSpec(
-        (None, None, chunk, value_block), lambda b, h, n, j: (b, h // group, n, j)
-    )
-    out_tile = pl.BlockSpec((None, None, chunk, value_block), lambda b, h, n, j: (b, h, n, j))
+    per_program = _chunks_per_program("outputs", num_chunks)
+    rows = per_program * chunk
+    q_tile = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, n: (b, h, n, 0))
+    kv_tile = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, n: (b, h // group, n, 0))
     out, denominator = pl.pallas_call(
-        functools.partial(_chunk_output_kernel, scale=scale),
-        grid=grid,
+        functools.partial(_chunk_output_kernel, chunk=chunk, scale=scale),
+        grid=(batch, num_heads, num_chunks // per_program),
         in_specs=[
             q_tile,
-            k_tile,
-            v_tile,
+            kv_tile,
+            kv_tile,
             pl.BlockSpec(
-                (None, None, None, head_dim, value_block),
-                lambda b, h, n, j: (b, h // group, n, 0, j),
+                (None, None, per_program, head_dim, head_dim),
+                lambda b, h, n: (b, h // group, n, 0, 0),
             ),
-            pl.BlockSpec((None, None, None, head_dim), lambda b, h, n, j: (b, h // group, n, 0)),
+            pl.BlockSpec(
+                (None, None, per_program, head_dim), lambda b, h, n: (b, h // group, n, 0)
+            ),
         ],
-        out_specs=[out_tile, pl.BlockSpec((None, None, chunk), lambda b, h, n, j: (b, h, n))],
+        out_specs=[q_tile, pl.BlockSpec((None, None, rows), lambda b, h, n: (b, h, n))],
         out_shape=[
             jax.ShapeDtypeStruct(query.shape, query.dtype),  # type: ignore[no-untyped-call]
             jax.ShapeDtypeStruct((batch, num_heads, seq), jnp.float32),  # type: ignore[no-untyped-call]
