@@ -165,6 +165,9 @@ linear)
   # table beside cuDNN FLASH with each fused stage timed alone.
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_linear.py --timeout 120 -rf 2>&1 | tail -6
   timeout 300 python3 benchmarks/linear_chunks.py --stages >"$OUT/linear.log" 2>&1
+  if [ "${2:-}" = prefill ]; then
+    timeout 240 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1
+  fi
   ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1

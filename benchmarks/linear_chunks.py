@@ -90,25 +90,24 @@ def linear(chunk: int, **knobs: Any) -> tuple[Callable[..., Any], dict[str, Any]
     return (lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=chunk)), knobs
 
 
+ONE_PER_PROGRAM = {name: 1 for name in _linear_pallas.CHUNKS_PER_PROGRAM}
 impls: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "flash (cuDNN)": (lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod()), {}),
     "linear default (chunk_size=64)": linear(64),
     "linear chunk 64 kernels": linear(64, min_chunk=0),
-    "linear chunk 128": linear(128),
+    "linear chunk 128 one chunk per program": linear(
+        128, per_program=ONE_PER_PROGRAM, stages={"states": 1}
+    ),
     "linear chunk 128 xla bwd": linear(128, fused_bwd=False),
-    "linear chunk 128 states 2/program 2 stages": linear(
-        128, per_program={"states": 2}, stages={"states": 2}
+    "linear chunk 128 states 4/program 3 stages": linear(
+        128, per_program={"states": 4}, stages={"states": 3}
     ),
-    "linear chunk 128 states 4/program 2 stages": linear(
-        128, per_program={"states": 4}, stages={"states": 2}
+    "linear chunk 128 grad_states 2/program 2 stages": linear(
+        128, per_program={"grad_states": 2}, stages={"grad_states": 2}
     ),
-    "linear chunk 128 states 2/program 3 stages": linear(
-        128, per_program={"states": 2}, stages={"states": 3}
-    ),
-    "linear chunk 128 outputs 2/program 1 stage": linear(128, per_program={"outputs": 2}),
-    "linear chunk 128 outputs 2/program 2 stages": linear(
-        128, per_program={"outputs": 2}, stages={"outputs": 2}
-    ),
+    "linear chunk 128 grad_query 2/program": linear(128, per_program={"grad_query": 2}),
+    "linear chunk 128 grad_key_value 2/program": linear(128, per_program={"grad_key_value": 2}),
+    "linear chunk 128 grad_query 4 warps": linear(128, warps={"grad_query": 4}),
     "linear chunk 128 xla": (
         lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=128, use_pallas=False),
         {},

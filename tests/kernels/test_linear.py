@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from attnax._mods import causal_mod
+from attnax.kernels import _linear as _linear_module
 from attnax.kernels import _linear_pallas
 from attnax.kernels._linear import _fused_chunk, linear_attention
 from tests._reference import random_qkv, relative_error
@@ -320,10 +321,10 @@ def test_fused_kernels_raise_short_chunks_to_128_interpreted() -> None:
 def test_fused_several_chunks_per_program_interpreted(
     monkeypatch: pytest.MonkeyPatch, per_program: int
 ) -> None:
-    """Forward kernels looping over several chunks per program (3 rounds down to 2 of 4)."""
+    """Every kernel looping over several chunks per program (3 rounds down to 2 of 4)."""
     q, k, v = random_qkv(25, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16)
-    monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, "states", per_program)
-    monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, "outputs", per_program)
+    for kernel in _linear_pallas.CHUNKS_PER_PROGRAM:
+        monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, kernel, per_program)
     fused = lambda *a: linear_attention(*a, chunk_size=16, use_pallas=True, interpret=True)  # noqa: E731
     assert relative_error(fused(q, k, v), linear_reference(q, k, v, causal=True)) < 1e-5
     got = jax.grad(lambda *a: jnp.sum(jnp.sin(fused(*a))), argnums=(0, 1, 2))(q, k, v)
@@ -350,8 +351,11 @@ def test_fused_refusals_name_the_reason(causal: bool, padded: bool, match: str) 
 @pytest.mark.parametrize(
     ("num_kv_heads", "head_dim", "chunk_size"), [(2, 64, 64), (8, 128, 128)]
 )
-def test_fused_kernels_on_gpu(num_kv_heads: int, head_dim: int, chunk_size: int) -> None:
+def test_fused_kernels_on_gpu(
+    monkeypatch: pytest.MonkeyPatch, num_kv_heads: int, head_dim: int, chunk_size: int
+) -> None:
     """Compiled Triton kernels (bf16) against the XLA formulation, values and gradients."""
+    monkeypatch.setattr(_linear_module, "FUSED_MIN_CHUNK", 0)  # run the chunk asked for
     q, k, v = random_qkv(
         24, num_heads=8, num_kv_heads=num_kv_heads, seq_q=512, head_dim=head_dim,
         dtype=jnp.bfloat16,

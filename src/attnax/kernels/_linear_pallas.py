@@ -30,8 +30,10 @@ from ._decode import _gpu_compiler_params, _is_power_of_two
 
 __all__ = [
     "ForwardResiduals",
+    "chunks_per_program",
     "compiler_params",
     "feature_map",
+    "for_each_chunk",
     "fused_causal_forward",
     "fused_unsupported_reason",
 ]
@@ -55,11 +57,12 @@ def feature_map(x: Any) -> Any:
     return jnp.where(x > 0, x + 1.0, jnp.exp(jnp.minimum(x, 0.0)))
 
 
-def _for_each_chunk(rows: int, chunk: int, body: Any) -> None:
+def for_each_chunk(rows: int, chunk: int, body: Any) -> None:
     """Runs ``body(i)`` for each of a program's ``rows // chunk`` chunks (in a loop if several).
 
     Several chunks per program (CHUNKS_PER_PROGRAM) give Triton a loop whose next chunk's
-    loads it can issue while the current chunk computes (num_stages > 1).
+    loads it can issue while the current chunk computes (num_stages > 1), and fewer,
+    longer-lived programs.
     """
     count = rows // chunk
     if count == 1:
@@ -85,7 +88,7 @@ def _chunk_state_kernel(
         state_ref[i] = state.astype(state_ref.dtype)
         norm_ref[i] = jnp.sum(phi_k.astype(jnp.float32), axis=0)
 
-    _for_each_chunk(k_ref.shape[0], chunk, one_chunk)
+    for_each_chunk(k_ref.shape[0], chunk, one_chunk)
 
 
 def _chunk_output_kernel(
@@ -133,12 +136,14 @@ def _chunk_output_kernel(
         # recomputing it would take the chunk's keys and a (C, C) matmul more.
         denominator_ref[rows] = denominator
 
-    _for_each_chunk(q_ref.shape[0], chunk, one_chunk)
+    for_each_chunk(q_ref.shape[0], chunk, one_chunk)
 
 
-# Triton warps and pipeline stages per program of each kernel, and chunks per program of the
-# forward kernels; read at trace time (benchmarks/linear_chunks.py sweeps them). A kernel
-# without a loop (one chunk per program) has nothing to pipeline, so its stages do not matter.
+# Triton warps and pipeline stages per program, and chunks per program, of each kernel; read at
+# trace time (benchmarks/linear_chunks.py sweeps them; the H100 figures are in NOTES.md). A
+# kernel without a loop (one chunk per program) has nothing to pipeline, so its stages do not
+# matter; the output kernel's chunk takes ~128 KB of shared memory at head_dim 128, so it
+# cannot have two stages there.
 NUM_WARPS = {
     "states": 8,
     "outputs": 8,
@@ -146,15 +151,27 @@ NUM_WARPS = {
     "grad_query": 8,
     "grad_key_value": 8,
 }
-NUM_STAGES = {"states": 1, "outputs": 1}
-CHUNKS_PER_PROGRAM = {"states": 1, "outputs": 1}
+NUM_STAGES = {
+    "states": 2,
+    "outputs": 1,
+    "grad_states": 1,
+    "grad_query": 1,
+    "grad_key_value": 1,
+}
+CHUNKS_PER_PROGRAM = {
+    "states": 2,
+    "outputs": 2,
+    "grad_states": 1,
+    "grad_query": 1,
+    "grad_key_value": 1,
+}
 
 
 def compiler_params(kernel: str, interpret: bool) -> Any:
-    return _gpu_compiler_params(NUM_WARPS[kernel], NUM_STAGES.get(kernel, 1), interpret)
+    return _gpu_compiler_params(NUM_WARPS[kernel], NUM_STAGES[kernel], interpret)
 
 
-def _chunks_per_program(kernel: str, num_chunks: int) -> int:
+def chunks_per_program(kernel: str, num_chunks: int) -> int:
     wanted = CHUNKS_PER_PROGRAM[kernel]
     # Largest divisor of num_chunks not above the setting: every program gets whole chunks.
     return max(g for g in range(1, min(wanted, num_chunks) + 1) if num_chunks % g == 0)
@@ -165,7 +182,7 @@ def _chunk_states(
 ) -> tuple[Float[Array, "B Hk N D D"], Float[Array, "B Hk N D"]]:
     batch, num_kv_heads, seq, head_dim = key.shape
     num_chunks = seq // chunk
-    per_program = _chunks_per_program("states", num_chunks)
+    per_program = chunks_per_program("states", num_chunks)
     tile = pl.BlockSpec((None, None, per_program * chunk, head_dim), lambda b, h, n: (b, h, n, 0))
     states, norms = pl.pallas_call(
         functools.partial(_chunk_state_kernel, chunk=chunk),
@@ -204,7 +221,7 @@ def _chunk_outputs(
     batch, num_heads, seq, head_dim = query.shape
     group = num_heads // key.shape[1]
     num_chunks = seq // chunk
-    per_program = _chunks_per_program("outputs", num_chunks)
+    per_program = chunks_per_program("outputs", num_chunks)
     rows = per_program * chunk
     q_tile = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, n: (b, h, n, 0))
     kv_tile = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, n: (b, h // group, n, 0))

@@ -30,7 +30,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from ._linear_pallas import ForwardResiduals, compiler_params, feature_map
+from ._linear_pallas import (
+    ForwardResiduals,
+    chunks_per_program,
+    compiler_params,
+    feature_map,
+    for_each_chunk,
+)
 
 __all__ = ["fused_causal_backward"]
 
@@ -40,14 +46,16 @@ def _feature_map_slope(x: Any) -> Any:
     return jnp.where(x > 0, 1.0, jnp.exp(jnp.minimum(x, 0.0)))
 
 
-def _output_cotangents(g_ref: Any, o_ref: Any, denominator_ref: Any) -> tuple[Any, Any]:
+def _output_cotangents(
+    g_ref: Any, o_ref: Any, denominator_ref: Any, rows: Any
+) -> tuple[Any, Any]:
     """u = g / d (C, Dv) and w = -(g . o) / d (C,), zero for rows whose denominator is 0."""
-    denominator = denominator_ref[...]
+    denominator = denominator_ref[rows]
     positive = denominator > 0.0
     inverse = jnp.where(positive, 1.0 / jnp.where(positive, denominator, 1.0), 0.0)
-    g = g_ref[...].astype(jnp.float32)
+    g = g_ref[rows, :].astype(jnp.float32)
     u = g * inverse[:, None]
-    w = -jnp.sum(g * o_ref[...].astype(jnp.float32), axis=1) * inverse
+    w = -jnp.sum(g * o_ref[rows, :].astype(jnp.float32), axis=1) * inverse
     return u, w
 
 
@@ -64,11 +72,9 @@ def _dot(a: Any, b: Any, contract: tuple[int, int]) -> Any:
     )
 
 
-def _phi_query(q_ref: Any, scale: float) -> tuple[Any, Any]:
-    q = q_ref[...].astype(jnp.float32)
-    if scale != 1.0:
-        q = q * scale
-    return q, feature_map(q)
+def _scaled_query(q_ref: Any, rows: Any, scale: float) -> Any:
+    q = q_ref[rows, :].astype(jnp.float32)
+    return q * scale if scale != 1.0 else q
 
 
 def _grad_state_kernel(
@@ -79,14 +85,19 @@ def _grad_state_kernel(
     state_ref: Any,
     norm_ref: Any,
     *,
+    chunk: int,
     scale: float,
 ) -> None:
     operand = state_ref.dtype
-    _, phi_q = _phi_query(q_ref, scale)
-    u, w = _output_cotangents(g_ref, o_ref, denominator_ref)
-    phi_q = phi_q.astype(operand)
-    state_ref[...] = _dot(phi_q, u.astype(operand), (0, 0)).astype(operand)
-    norm_ref[...] = jnp.sum(phi_q.astype(jnp.float32) * w[:, None], axis=0)
+
+    def one_chunk(i: Any) -> None:
+        rows = pl.ds(i * chunk, chunk)
+        phi_q = feature_map(_scaled_query(q_ref, rows, scale)).astype(operand)
+        u, w = _output_cotangents(g_ref, o_ref, denominator_ref, rows)
+        state_ref[i] = _dot(phi_q, u.astype(operand), (0, 0)).astype(operand)
+        norm_ref[i] = jnp.sum(phi_q.astype(jnp.float32) * w[:, None], axis=0)
+
+    for_each_chunk(q_ref.shape[0], chunk, one_chunk)
 
 
 def _grad_query_kernel(
@@ -100,24 +111,29 @@ def _grad_query_kernel(
     norm_ref: Any,
     dq_ref: Any,
     *,
+    chunk: int,
     scale: float,
 ) -> None:
     operand = v_ref.dtype
-    u, w = _output_cotangents(g_ref, o_ref, denominator_ref)
-    u_op = u.astype(operand)
-    phi_k = feature_map(k_ref[...].astype(jnp.float32)).astype(operand)
-    coupling = _causal(_dot(u_op, v_ref[...], (1, 1)) + w[:, None]).astype(operand)
-    norm = norm_ref[...].astype(operand).astype(jnp.float32)
-    d_phi_q = (
-        _dot(coupling, phi_k, (1, 0))
-        + _dot(u_op, state_ref[...], (1, 1))
-        + w[:, None] * norm[None, :]
-    )
-    q, _ = _phi_query(q_ref, scale)
-    dq = d_phi_q * _feature_map_slope(q)
-    if scale != 1.0:
-        dq = dq * scale
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+    def one_chunk(i: Any) -> None:
+        rows = pl.ds(i * chunk, chunk)
+        u, w = _output_cotangents(g_ref, o_ref, denominator_ref, rows)
+        u_op = u.astype(operand)
+        phi_k = feature_map(k_ref[rows, :].astype(jnp.float32)).astype(operand)
+        coupling = _causal(_dot(u_op, v_ref[rows, :], (1, 1)) + w[:, None]).astype(operand)
+        norm = norm_ref[i].astype(operand).astype(jnp.float32)
+        d_phi_q = (
+            _dot(coupling, phi_k, (1, 0))
+            + _dot(u_op, state_ref[i], (1, 1))
+            + w[:, None] * norm[None, :]
+        )
+        dq = d_phi_q * _feature_map_slope(_scaled_query(q_ref, rows, scale))
+        if scale != 1.0:
+            dq = dq * scale
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+
+    for_each_chunk(q_ref.shape[0], chunk, one_chunk)
 
 
 def _grad_key_value_kernel(
@@ -132,26 +148,55 @@ def _grad_key_value_kernel(
     dk_ref: Any,
     dv_ref: Any,
     *,
+    chunk: int,
     scale: float,
 ) -> None:
     operand = v_ref.dtype
-    _, phi_q = _phi_query(q_ref, scale)
-    phi_q = phi_q.astype(operand)
-    k = k_ref[...].astype(jnp.float32)
-    phi_k = feature_map(k).astype(operand)
-    u, w = _output_cotangents(g_ref, o_ref, denominator_ref)
-    u_op = u.astype(operand)
-    later_state = state_ref[...]
-    # dV first, so its (C, C) weights are dead before the coupling matrix is formed.
-    weights = _causal(_dot(phi_q, phi_k, (1, 1))).astype(operand)
-    dv = _dot(weights, u_op, (0, 0)) + _dot(phi_k, later_state, (1, 0))
-    dv_ref[...] = dv.astype(dv_ref.dtype)
-    coupling = _causal(_dot(u_op, v_ref[...], (1, 1)) + w[:, None]).astype(operand)
-    norm = norm_ref[...].astype(operand).astype(jnp.float32)
-    d_phi_k = (
-        _dot(coupling, phi_q, (0, 0)) + _dot(v_ref[...], later_state, (1, 1)) + norm[None, :]
-    )
-    dk_ref[...] = (d_phi_k * _feature_map_slope(k)).astype(dk_ref.dtype)
+
+    def one_chunk(i: Any) -> None:
+        rows = pl.ds(i * chunk, chunk)
+        phi_q = feature_map(_scaled_query(q_ref, rows, scale)).astype(operand)
+        k = k_ref[rows, :].astype(jnp.float32)
+        phi_k = feature_map(k).astype(operand)
+        v = v_ref[rows, :]
+        u, w = _output_cotangents(g_ref, o_ref, denominator_ref, rows)
+        u_op = u.astype(operand)
+        later_state = state_ref[i]
+        # dV first, so its (C, C) weights are dead before the coupling matrix is formed.
+        weights = _causal(_dot(phi_q, phi_k, (1, 1))).astype(operand)
+        dv = _dot(weights, u_op, (0, 0)) + _dot(phi_k, later_state, (1, 0))
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        coupling = _causal(_dot(u_op, v, (1, 1)) + w[:, None]).astype(operand)
+        norm = norm_ref[i].astype(operand).astype(jnp.float32)
+        d_phi_k = _dot(coupling, phi_q, (0, 0)) + _dot(v, later_state, (1, 1)) + norm[None, :]
+        dk_ref[rows, :] = (d_phi_k * _feature_map_slope(k)).astype(dk_ref.dtype)
+
+    for_each_chunk(q_ref.shape[0], chunk, one_chunk)
+
+
+class _Tiles:
+    """Block specs of one kernel whose programs take ``per_program`` chunks each."""
+
+    def __init__(self, chunk: int, per_program: int, head_dim: int, group: int) -> None:
+        rows = chunk * per_program
+        self.rows = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, n: (b, h, n, 0))
+        self.kv_rows = pl.BlockSpec(
+            (None, None, rows, head_dim), lambda b, h, n: (b, h // group, n, 0)
+        )
+        self.row_scalars = pl.BlockSpec((None, None, rows), lambda b, h, n: (b, h, n))
+        self.states = pl.BlockSpec(
+            (None, None, per_program, head_dim, head_dim), lambda b, h, n: (b, h, n, 0, 0)
+        )
+        self.norms = pl.BlockSpec(
+            (None, None, per_program, head_dim), lambda b, h, n: (b, h, n, 0)
+        )
+        self.kv_states = pl.BlockSpec(
+            (None, None, per_program, head_dim, head_dim),
+            lambda b, h, n: (b, h // group, n, 0, 0),
+        )
+        self.kv_norms = pl.BlockSpec(
+            (None, None, per_program, head_dim), lambda b, h, n: (b, h // group, n, 0)
+        )
 
 
 def fused_causal_backward(
@@ -172,80 +217,56 @@ def fused_causal_backward(
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
     num_chunks = seq // chunk
-    grid = (batch, num_heads, num_chunks)
-    row_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n: (b, h, n, 0))
-    kv_tile = pl.BlockSpec((None, None, chunk, head_dim), lambda b, h, n: (b, h // group, n, 0))
-    row_scalars = pl.BlockSpec((None, None, chunk), lambda b, h, n: (b, h, n))
-    state_tile = pl.BlockSpec(
-        (None, None, None, head_dim, head_dim), lambda b, h, n: (b, h, n, 0, 0)
-    )
-    norm_tile = pl.BlockSpec((None, None, None, head_dim), lambda b, h, n: (b, h, n, 0))
-    kv_state_tile = pl.BlockSpec(
-        (None, None, None, head_dim, head_dim), lambda b, h, n: (b, h // group, n, 0, 0)
-    )
-    kv_norm_tile = pl.BlockSpec((None, None, None, head_dim), lambda b, h, n: (b, h // group, n, 0))
+
+    def launch(kernel_name: str, kernel: Any, specs: Any, out_specs: Any, out_shape: Any) -> Any:
+        per_program = chunks_per_program(kernel_name, num_chunks)
+        tiles = _Tiles(chunk, per_program, head_dim, group)
+        return pl.pallas_call(
+            functools.partial(kernel, chunk=chunk, scale=scale),
+            grid=(batch, num_heads, num_chunks // per_program),
+            in_specs=specs(tiles),
+            out_specs=out_specs(tiles),
+            out_shape=out_shape,
+            compiler_params=compiler_params(kernel_name, interpret),
+            interpret=interpret,
+            name=f"attnax_linear_{kernel_name}",
+        )
+
     d_out = d_out.astype(query.dtype)
     cotangent_inputs = (d_out, out, residuals.denominator)
 
-    chunk_states, chunk_norms = pl.pallas_call(
-        functools.partial(_grad_state_kernel, scale=scale),
-        grid=grid,
-        in_specs=[row_tile, row_tile, row_tile, row_scalars],
-        out_specs=[state_tile, norm_tile],
-        out_shape=[
+    def cotangent_specs(t: _Tiles) -> list[Any]:
+        return [t.rows, t.rows, t.row_scalars]
+
+    chunk_states, chunk_norms = launch(
+        "grad_states",
+        _grad_state_kernel,
+        lambda t: [t.rows, *cotangent_specs(t)],
+        lambda t: [t.states, t.norms],
+        [
             jax.ShapeDtypeStruct((batch, num_heads, num_chunks, head_dim, head_dim), value.dtype),  # type: ignore[no-untyped-call]
             jax.ShapeDtypeStruct((batch, num_heads, num_chunks, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
         ],
-        compiler_params=compiler_params("grad_states", interpret),
-        interpret=interpret,
-        name="attnax_linear_grad_states",
     )(query, *cotangent_inputs)
     later_states = exclusive_prefix_sum(chunk_states, out_dtype=value.dtype, reverse=True)
     later_norms = exclusive_prefix_sum(chunk_norms, reverse=True)
 
-    dq: Array = pl.pallas_call(
-        functools.partial(_grad_query_kernel, scale=scale),
-        grid=grid,
-        in_specs=[
-            row_tile,
-            kv_tile,
-            kv_tile,
-            row_tile,
-            row_tile,
-            row_scalars,
-            kv_state_tile,
-            kv_norm_tile,
-        ],
-        out_specs=row_tile,
-        out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),  # type: ignore[no-untyped-call]
-        compiler_params=compiler_params("grad_query", interpret),
-        interpret=interpret,
-        name="attnax_linear_grad_query",
+    dq: Array = launch(
+        "grad_query",
+        _grad_query_kernel,
+        lambda t: [t.rows, t.kv_rows, t.kv_rows, *cotangent_specs(t), t.kv_states, t.kv_norms],
+        lambda t: t.rows,
+        jax.ShapeDtypeStruct(query.shape, query.dtype),  # type: ignore[no-untyped-call]
     )(query, key, value, *cotangent_inputs, residuals.prefix_states, residuals.prefix_norms)
 
     # Grouped heads: each query head's share is summed over its group below, in float32.
     kv_grad_dtype = key.dtype if group == 1 else jnp.float32
-    dk, dv = pl.pallas_call(
-        functools.partial(_grad_key_value_kernel, scale=scale),
-        grid=grid,
-        in_specs=[
-            row_tile,
-            kv_tile,
-            kv_tile,
-            row_tile,
-            row_tile,
-            row_scalars,
-            state_tile,
-            norm_tile,
-        ],
-        out_specs=[row_tile, row_tile],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_heads, seq, head_dim), kv_grad_dtype),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_heads, seq, head_dim), kv_grad_dtype),  # type: ignore[no-untyped-call]
-        ],
-        compiler_params=compiler_params("grad_key_value", interpret),
-        interpret=interpret,
-        name="attnax_linear_grad_key_value",
+    dk, dv = launch(
+        "grad_key_value",
+        _grad_key_value_kernel,
+        lambda t: [t.rows, t.kv_rows, t.kv_rows, *cotangent_specs(t), t.states, t.norms],
+        lambda t: [t.rows, t.rows],
+        [jax.ShapeDtypeStruct((batch, num_heads, seq, head_dim), kv_grad_dtype)] * 2,  # type: ignore[no-untyped-call]
     )(query, key, value, *cotangent_inputs, later_states, later_norms)
     if group > 1:
         shape = (batch, num_kv_heads, group, seq, head_dim)
