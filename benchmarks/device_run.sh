@@ -169,6 +169,12 @@ linear)
     timeout 240 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1
   fi
   ;;
+flex)
+  # Fourth session: PALLAS_FLASH's table (back-to-back timer) with a forward tile sweep, then
+  # torch's FlexAttention and SDPA on the same card.
+  timeout 330 python3 benchmarks/pallas_flash.py --fwd-sweep --budget 290 >"$OUT/pallas_flash.log" 2>&1
+  timeout 220 python3 benchmarks/torch_peers.py 190 >"$OUT/torch_peers.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1

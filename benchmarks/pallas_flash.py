@@ -3,12 +3,13 @@
 bf16, 16 heads, head_dim 128 unless noted. TFLOP/s in the FlashAttention convention: forward
 4*B*H*S^2*D, halved when causal (ALiBi+causal too), x3.5 for forward+backward; the sliding
 window and document configs report the *dense* number (full 4*B*H*S^2*D), so their time ratio
-against cuDNN-with-a-dense-mask is the figure to read. Median of >= 20 timed calls after
-warm-up. Relative error of each forward against cuDNN (the same mask/bias).
+against cuDNN-with-a-dense-mask is the figure to read. Median over 10 samples of 10
+back-to-back calls, after warm-up. Relative error of each forward against cuDNN (the same mask/bias).
 
 Usage (on the device)::
 
-    python benchmarks/pallas_flash.py [--sweep] [--only NAME,...] [--budget SECONDS]
+    python benchmarks/pallas_flash.py [--sweep] [--fwd-sweep] [--skip-table] [--only NAME,...]
+        [--budget SECONDS]
 
 Writes ``$OUT/pallas_flash_h100.json`` (``OUT`` defaults to ``benchmarks/results``).
 """
@@ -34,15 +35,21 @@ rows: list[dict[str, Any]] = []
 START = time.perf_counter()
 
 
-def timed(fn: Callable[..., Any], *args: Any, n: int = 20) -> float:
-    """Median milliseconds of ``n`` calls after two warm-up calls."""
+def timed(fn: Callable[..., Any], *args: Any, samples: int = 10, calls: int = 10) -> float:
+    """Median milliseconds per call over ``samples`` samples of ``calls`` back-to-back calls.
+
+    Dispatching several calls before waiting keeps the host's per-call wait out of the figure,
+    which brings it close to the device-side timing of torch's ``do_bench`` for the peers.
+    """
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(n):
+    for _ in range(samples):
         t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
+        for _ in range(calls):
+            result = fn(*args)
+        jax.block_until_ready(result)
+        times.append((time.perf_counter() - t) / calls)
     return statistics.median(times) * 1e3
 
 
@@ -109,7 +116,9 @@ def dense_mask(cfg: dict[str, Any]) -> jax.Array | None:
     return None
 
 
-def run_config(cfg: dict[str, Any], flash: FlashConfig, peers: bool, budget: float) -> None:
+def run_config(
+    cfg: dict[str, Any], flash: FlashConfig, peers: bool, budget: float, backward: bool = True
+) -> None:
     B, S = cfg["B"], cfg["S"]
     H, Hk = cfg.get("H", HEADS), cfg.get("Hk", cfg.get("H", HEADS))
     name, flops = cfg["name"], flops_of(cfg)
@@ -188,6 +197,8 @@ def run_config(cfg: dict[str, Any], flash: FlashConfig, peers: bool, budget: flo
             rows[-1]["out"] = out  # replaced by the error below once cuDNN's output exists
         except Exception as error:  # noqa: BLE001 - a benchmark records failures and moves on
             failed(impl, name, "fwd", error)
+        if not backward:
+            continue
         try:
             ms = timed(grad_of(fn), q, k, v)
             record(impl, name, "fwd+bwd", ms, 3.5 * flops)
@@ -226,19 +237,48 @@ def sweep(budget: float) -> None:
                 row["tag"] = "sweep"
 
 
+def forward_sweep(budget: float) -> None:
+    """Forward tile/warp/stage variants on the two configs furthest from FlexAttention."""
+    variants = [
+        FlashConfig(),
+        FlashConfig(block_kv=64, num_warps=4, num_stages=3),
+        FlashConfig(block_kv=64, num_warps=8, num_stages=3),
+        FlashConfig(block_kv=64, num_warps=4, num_stages=2),
+        FlashConfig(block_kv=64, num_warps=8, num_stages=4),
+        FlashConfig(num_warps=8, num_stages=3),
+        FlashConfig(block_q=64, block_kv=64, num_warps=4, num_stages=3),
+        FlashConfig(block_kv=32, num_warps=4, num_stages=4),
+    ]
+    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 causal")]
+    for cfg in chosen:
+        for flash in variants:
+            if time.perf_counter() - START > budget:
+                return
+            tag = f"fwd sweep {flash.block_q}x{flash.block_kv} w{flash.num_warps} s{flash.num_stages}"
+            before = len(rows)
+            run_config(cfg, flash, peers=False, budget=budget, backward=False)
+            for row in rows[before:]:
+                row["impl"] = tag
+                row["tag"] = "sweep"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--fwd-sweep", action="store_true")
+    parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--only", default="")
     parser.add_argument("--budget", type=float, default=330.0)
     args = parser.parse_args()
     device = jax.devices()[0].device_kind
     print("jax", jax.__version__, device, flush=True)
     flash = FlashConfig()
-    for cfg in config_list():
+    for cfg in [] if args.skip_table else config_list():
         if args.only and not any(token in cfg["name"] for token in args.only.split(",")):
             continue
         run_config(cfg, flash, peers=True, budget=args.budget)
+    if args.fwd_sweep:
+        forward_sweep(args.budget)
     if args.sweep:
         sweep(args.budget)
     # Ratios: ours over each peer, same config and mode.

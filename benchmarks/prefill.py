@@ -14,8 +14,8 @@ plus GQA 32/8 and a causal 1024-token sliding window (FLASH against raw cuDNN),
 recorded), and ``linear`` causal at S=16384 when ``attnax.kernels._linear.linear_attention`` is
 importable.
 
-Timing: after two warm-up calls, each sample dispatches up to 10 calls back to back (about
-20 ms of work) on one set of random inputs and waits for the last; the median over >= 20
+Timing: after two warm-up calls, each sample dispatches 10 calls back to back (1 for
+configs whose call takes 0.1 s or more) on one set of random inputs and waits for the last; the median over >= 20
 samples (fewer only where 20 would exceed the per-config budget; ``n_timed`` and
 ``calls_per_sample`` record it, and ``--smoke``
 uses 3). TFLOP/s in the FlashAttention convention: forward 4*B*H*S^2*D, halved when causal,
@@ -196,8 +196,9 @@ def bench(
         one_call = time.perf_counter() - start
         # Each sample dispatches `calls` calls back to back and waits for the last, so the
         # host's wait between calls (which a multi-kernel program pays once per call) is not
-        # in the figure; `calls` covers ~20 ms of work.
-        calls = max(1, min(10, int(0.02 / max(one_call, 1e-6))))
+        # in the figure. The same count for every row of a config (one_call includes making
+        # the inputs, so it only tells the 100 ms-class configs apart).
+        calls = 10 if one_call < 0.1 else 1
         if args.smoke:
             n = 3
         else:
