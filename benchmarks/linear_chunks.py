@@ -33,7 +33,9 @@ parser.add_argument("--calls", type=int, default=10)
 parser.add_argument("--samples", type=int, default=7)
 parser.add_argument("--stages", action="store_true")
 parser.add_argument("--seq", type=int, default=16384)
-parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "linear_chunks.json"))
+parser.add_argument(
+    "--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "linear_chunks.json")
+)
 args = parser.parse_args()
 
 B, H, S, D = 1, 16, args.seq, 128
@@ -41,7 +43,12 @@ keys = jax.random.split(jax.random.key(0), 4)
 q, k, v, g = (jax.random.normal(key, (B, S, H, D), jnp.bfloat16) for key in keys)
 q_h, k_h, v_h, g_h = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, g))
 DEFAULTS = tuple(
-    dict(d) for d in (_linear_pallas.NUM_WARPS, _linear_pallas.NUM_STAGES, _linear_pallas.CHUNKS_PER_PROGRAM)
+    dict(d)
+    for d in (
+        _linear_pallas.NUM_WARPS,
+        _linear_pallas.NUM_STAGES,
+        _linear_pallas.CHUNKS_PER_PROGRAM,
+    )
 )
 
 
@@ -119,9 +126,11 @@ for name, (fn, knobs) in impls.items():
     forward, both = fwd_and_bwd(fn)
     inputs = (q, k, v, g) if name.startswith("flash") else (q_h, k_h, v_h, g_h)
     try:
-        row: dict[str, Any] = dict(impl=name, fwd_ms=timed(forward, *inputs[:3]), fwdbwd_ms=timed(both, *inputs))
-    except Exception as error:  # a probe records failures and goes on
-        row = dict(impl=name, error=str(error).splitlines()[0][:300])
+        row: dict[str, Any] = {
+            "impl": name, "fwd_ms": timed(forward, *inputs[:3]), "fwdbwd_ms": timed(both, *inputs)
+        }
+    except Exception as error:  # noqa: BLE001 - a probe records failures and goes on
+        row = {"impl": name, "error": str(error).splitlines()[0][:300]}
     rows.append(row)
     print(row, flush=True)
 configure()
@@ -155,7 +164,9 @@ if args.stages:
     )(k_h, v_h)
     stage_fns: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
         "fwd: chunk_states kernel": (
-            jax.jit(lambda k, v: _linear_pallas._chunk_states(k, v, chunk=chunk, interpret=INTERPRET)),
+            jax.jit(
+                lambda k, v: _linear_pallas._chunk_states(k, v, chunk=chunk, interpret=INTERPRET)
+            ),
             (k_h, v_h),
         ),
         "fwd: prefix sums, before (unbatched 0/1 matrix, HIGHEST)": (
@@ -189,7 +200,15 @@ if args.stages:
         "bwd: whole (fused)": (
             jax.jit(
                 lambda q, k, v, o, r, g: _linear_pallas_vjp.fused_causal_backward(
-                    q, k, v, o, r, g, chunk=chunk, scale=scale, exclusive_prefix_sum=prefix,
+                    q,
+                    k,
+                    v,
+                    o,
+                    r,
+                    g,
+                    chunk=chunk,
+                    scale=scale,
+                    exclusive_prefix_sum=prefix,
                     interpret=INTERPRET,
                 )
             ),
@@ -198,9 +217,9 @@ if args.stages:
     }
     for name, (fn, inputs) in stage_fns.items():
         try:
-            stage = dict(stage=name, ms=timed(fn, *inputs))
-        except Exception as error:
-            stage = dict(stage=name, error=str(error).splitlines()[0][:300])
+            stage = {"stage": name, "ms": timed(fn, *inputs)}
+        except Exception as error:  # noqa: BLE001 - as above
+            stage = {"stage": name, "error": str(error).splitlines()[0][:300]}
         stages.append(stage)
         print(stage, flush=True)
 

@@ -17,6 +17,7 @@ from attnax.kernels._flash import (
     cudnn_plan,
     flash_attention,
     flash_attention_bthd,
+    heads_major_cudnn_available,
 )
 from tests._reference import random_qkv, reference_attention, relative_error
 
@@ -147,8 +148,9 @@ def test_plan_falls_back(score_mod: Any, overrides: dict[str, Any]) -> None:
         ("causal-window-mask", 12, 12, mods.sliding_window_mod(4), True),
     ],
 )
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
 def test_argument_mapping_through_xla(
-    name: str, seq_q: int, seq_kv: int, score_mod: Any, with_mask: bool
+    name: str, seq_q: int, seq_kv: int, score_mod: Any, with_mask: bool, layout: Any
 ) -> None:
     """The exact arguments the cuDNN path passes, run by jax's XLA implementation."""
     query, key, value = random_qkv(4, num_heads=4, num_kv_heads=2, seq_q=seq_q, seq_kv=seq_kv)
@@ -170,12 +172,13 @@ def test_argument_mapping_through_xla(
     assert plan is not None, name
     mapped = jax.jit(
         lambda q, k, v: _call_dot_product_attention(
-            q, k, v, mask=mask, plan=plan, scale=0.25, implementation="xla"
+            q, k, v, mask=mask, plan=plan, scale=0.25, implementation="xla", layout=layout
         )
     )
-    out = mapped(_bthd(query), _bthd(key), _bthd(value))
+    to_layout = _bthd if layout == "bthd" else (lambda x: x)
+    out = mapped(to_layout(query), to_layout(key), to_layout(value))
     expected = reference_attention(query, key, value, mask=mask, score_mod=score_mod)
-    assert relative_error(_bthd(out), expected) < TOL, name
+    assert relative_error(to_layout(out), expected) < TOL, name
 
 
 # --------------------------------------------------------------------------- GPU (cuDNN)
@@ -217,6 +220,10 @@ def test_cudnn_matches_reference(case: str) -> None:
     # The bthd entry point is the same computation without transposes.
     out_bthd = flash_attention_bthd(_bthd(query), _bthd(key), _bthd(value), score_mod=score_mod)
     assert relative_error(_bthd(out_bthd), out) < 1e-2
+    # And so is the bhtd one: cuDNN takes the heads-major layout itself.
+    assert heads_major_cudnn_available()
+    jaxpr = str(jax.make_jaxpr(lambda *a: flash_attention(*a, score_mod=score_mod))(query, key, value))
+    assert "transpose" not in jaxpr, case
 
 
 @pytest.mark.gpu

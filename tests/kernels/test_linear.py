@@ -291,8 +291,9 @@ def test_fused_kernels_bf16_interpreted() -> None:
 
     def loss(use_pallas: bool) -> Any:
         return lambda *a: jnp.sum(
-            linear_attention(*a, chunk_size=16, use_pallas=use_pallas, interpret=use_pallas)
-            .astype(jnp.float32)
+            linear_attention(*a, chunk_size=16, use_pallas=use_pallas, interpret=use_pallas).astype(
+                jnp.float32
+            )
             * weights
         )
 
@@ -325,7 +326,10 @@ def test_fused_several_chunks_per_program_interpreted(
     q, k, v = random_qkv(25, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16)
     for kernel in _linear_pallas.CHUNKS_PER_PROGRAM:
         monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, kernel, per_program)
-    fused = lambda *a: linear_attention(*a, chunk_size=16, use_pallas=True, interpret=True)  # noqa: E731
+
+    def fused(*a: jax.Array) -> jax.Array:
+        return linear_attention(*a, chunk_size=16, use_pallas=True, interpret=True)
+
     assert relative_error(fused(q, k, v), linear_reference(q, k, v, causal=True)) < 1e-5
     got = jax.grad(lambda *a: jnp.sum(jnp.sin(fused(*a))), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(
@@ -348,25 +352,25 @@ def test_fused_refusals_name_the_reason(causal: bool, padded: bool, match: str) 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("num_kv_heads", "head_dim", "chunk_size"), [(2, 64, 64), (8, 128, 128)]
-)
+@pytest.mark.parametrize(("num_kv_heads", "head_dim", "chunk_size"), [(2, 64, 64), (8, 128, 128)])
 def test_fused_kernels_on_gpu(
     monkeypatch: pytest.MonkeyPatch, num_kv_heads: int, head_dim: int, chunk_size: int
 ) -> None:
     """Compiled Triton kernels (bf16) against the XLA formulation, values and gradients."""
     monkeypatch.setattr(_linear_module, "FUSED_MIN_CHUNK", 0)  # run the chunk asked for
     q, k, v = random_qkv(
-        24, num_heads=8, num_kv_heads=num_kv_heads, seq_q=512, head_dim=head_dim,
+        24,
+        num_heads=8,
+        num_kv_heads=num_kv_heads,
+        seq_q=512,
+        head_dim=head_dim,
         dtype=jnp.bfloat16,
     )
     weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape))
 
     def loss(use_pallas: bool) -> Any:
         return lambda *a: jnp.sum(
-            linear_attention(*a, chunk_size=chunk_size, use_pallas=use_pallas).astype(
-                jnp.float32
-            )
+            linear_attention(*a, chunk_size=chunk_size, use_pallas=use_pallas).astype(jnp.float32)
             * weights
         )
 

@@ -15,6 +15,7 @@ __all__ = [
     "apply_score_mods",
     "check_dropout",
     "check_qkv",
+    "cudnn_internals",
     "default_scale",
     "safe_normaliser",
     "safe_row_max",
@@ -24,6 +25,17 @@ __all__ = [
 
 
 Layout = Literal["bhtd", "bthd"]
+
+# JAX's own cuDNN attention module (private): its entry points take a layout argument and
+# return the log-sum-exp, which jax.nn.dot_product_attention does not expose. Typed Any (its
+# signatures are not ours); None on a JAX without it, where callers keep their public paths.
+cudnn_internals: Any
+try:
+    from jax._src.cudnn import fused_attention_stablehlo as _cudnn_module
+except ImportError:  # pragma: no cover - depends on the JAX release
+    cudnn_internals = None
+else:
+    cudnn_internals = _cudnn_module
 
 _LAYOUT_NAMES = {"bhtd": "(batch, heads, seq, head_dim)", "bthd": "(batch, seq, heads, head_dim)"}
 

@@ -1,9 +1,11 @@
 """FLASH attention: cuDNN's fused flash attention on NVIDIA GPUs, with documented fallbacks.
 
-The fast path is ``jax.nn.dot_product_attention(..., implementation="cudnn")``. Its layout is
-(batch, seq, heads, head_dim), so :func:`flash_attention_bthd` takes and returns that layout
-directly (the layer produces it straight from its projections, no transposes), and
-:func:`flash_attention` is the (batch, heads, seq, head_dim) ``AttentionFn``.
+The fast path is cuDNN's fused attention. :func:`flash_attention_bthd` calls it through
+``jax.nn.dot_product_attention(..., implementation="cudnn")`` in that function's (batch, seq,
+heads, head_dim) layout (the layer produces it straight from its projections);
+:func:`flash_attention`, the (batch, heads, seq, head_dim) ``AttentionFn``, calls JAX's cuDNN
+module with ``qkv_layout="BNTH"``, the same kernel without transposes (with transposes around
+jax.nn on a JAX whose module lacks that entry point).
 
 Score mods are translated into cuDNN's own arguments, never into a dense (T, S) mask:
 
@@ -45,7 +47,7 @@ from .._typing import (
     ScoreMod,
     ValueArray,
 )
-from ._common import check_dropout, check_mask, check_qkv, default_scale
+from ._common import check_dropout, check_mask, check_qkv, cudnn_internals, default_scale
 from ._memory_efficient import memory_efficient_attention
 from ._pallas_flash import pallas_flash_attention
 
@@ -162,6 +164,20 @@ def _full_ts(x: jax.Array, seq_q: int, seq_kv: int) -> jax.Array:
     return jnp.broadcast_to(x, (*x.shape[:2], seq_q, seq_kv))
 
 
+def heads_major_cudnn_available() -> bool:
+    """Whether cuDNN can be called on (B, H, T, D) arrays directly (JAX's private entry point).
+
+    ``jax.nn.dot_product_attention`` takes (B, T, H, D) only, so the (B, H, T, D) entry point
+    would transpose its inputs and output (2-39% of the time, 3 more (T, H, D) arrays of
+    memory: benchmarks/NOTES.md). JAX's own cuDNN module takes the layout as an argument; a
+    JAX release without it keeps the transposes.
+    """
+    cudnn = cudnn_internals
+    return (
+        cudnn is not None and hasattr(cudnn, "dot_product_attention") and hasattr(cudnn, "MaskType")
+    )
+
+
 def _call_dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -171,34 +187,56 @@ def _call_dot_product_attention(
     plan: _CudnnPlan,
     scale: float,
     implementation: Literal["xla", "cudnn"],
+    layout: Literal["bhtd", "bthd"] = "bthd",
 ) -> jax.Array:
-    """``jax.nn.dot_product_attention`` in (B, T, H, D) with rows that see no key set to zero.
+    """cuDNN attention in ``layout`` with rows that see no key set to zero.
 
-    ``implementation="xla"`` runs the same argument mapping on any backend, which is how the
-    mapping is tested on CPU.
+    (B, T, H, D) goes through ``jax.nn.dot_product_attention``; (B, H, T, D) through JAX's
+    cuDNN module with ``qkv_layout="BNTH"`` (same kernel, no transposes; only called when
+    :func:`heads_major_cudnn_available`). ``implementation="xla"`` runs the same argument
+    mapping through jax.nn's XLA path on any backend, which is how it is tested on CPU.
     """
-    seq_q, seq_kv = query.shape[1], key.shape[1]
+    seq_axis = 2 if layout == "bhtd" else 1
+    seq_q, seq_kv = query.shape[seq_axis], key.shape[seq_axis]
     bias: jax.Array | None = None
     for part in plan.biases:
         # Cast to the query dtype: cuDNN adds the bias in the input precision.
         full = _full_ts(jnp.asarray(part), seq_q, seq_kv).astype(query.dtype)
         bias = full if bias is None else bias + full
     dense_mask = None if mask is None else _full_ts(mask, seq_q, seq_kv)
-    window = None if plan.window_size is None else (plan.window_size - 1, 0)
-    out: jax.Array = jax.nn.dot_product_attention(
-        query,
-        key,
-        value,
-        bias=bias,
-        mask=dense_mask,
-        scale=scale,
-        is_causal=plan.is_causal,
-        local_window_size=window,
-        implementation=implementation,
-    )
+    if layout == "bhtd" and implementation == "cudnn":
+        cudnn = cudnn_internals
+        # jax.nn's own mapping: causal -> CAUSAL, a causal window w -> sliding_window_length w.
+        out: jax.Array = cudnn.dot_product_attention(
+            query,
+            key,
+            value,
+            bias,
+            dense_mask,
+            scale=scale,
+            mask_type=cudnn.MaskType.CAUSAL if plan.is_causal else cudnn.MaskType.NO_MASK,
+            qkv_layout="BNTH",
+            sliding_window_length=plan.window_size,
+        )
+    else:
+        swap = (lambda x: jnp.swapaxes(x, 1, 2)) if layout == "bhtd" else (lambda x: x)
+        window = None if plan.window_size is None else (plan.window_size - 1, 0)
+        out = swap(
+            jax.nn.dot_product_attention(
+                swap(query),
+                swap(key),
+                swap(value),
+                bias=bias,
+                mask=dense_mask,
+                scale=scale,
+                is_causal=plan.is_causal,
+                local_window_size=window,
+                implementation=implementation,
+            )
+        )
     # A boolean mask becomes a large negative bias inside jax, so a row that sees no key would
     # average all values; attnax's contract is zeros. Only rows a mask can empty are checked.
-    row_has_key: jax.Array | None = None
+    row_has_key: jax.Array | None = None  # (B | 1, H | 1, T) in the end
     if dense_mask is not None:
         allowed = dense_mask
         q_pos = jnp.arange(seq_q).reshape(1, 1, seq_q, 1)
@@ -207,12 +245,14 @@ def _call_dot_product_attention(
             allowed = allowed & (q_pos >= kv_pos)
         if plan.window_size is not None:
             allowed = allowed & (q_pos - kv_pos < plan.window_size)
-        row_has_key = jnp.transpose(jnp.any(allowed, axis=-1), (0, 2, 1))[..., None]
+        row_has_key = jnp.any(allowed, axis=-1)
     elif plan.window_size is not None and seq_q > seq_kv + plan.window_size - 1:
         # Queries past the last key by a whole window see no key.
-        row_has_key = (jnp.arange(seq_q) <= seq_kv + plan.window_size - 2).reshape(1, -1, 1, 1)
+        row_has_key = (jnp.arange(seq_q) <= seq_kv + plan.window_size - 2).reshape(1, 1, -1)
     if row_has_key is not None:
-        out = jnp.where(row_has_key, out, jnp.zeros((), out.dtype))
+        if layout == "bthd":
+            row_has_key = jnp.swapaxes(row_has_key, 1, 2)
+        out = jnp.where(row_has_key[..., None], out, jnp.zeros((), out.dtype))
     return out
 
 
@@ -308,8 +348,9 @@ def _flash(
     scale: float | None,
     name: str,
 ) -> jax.Array:
-    """Both public entry points: cuDNN runs in (B, T, H, D), the fallbacks in (B, H, T, D);
-    the arrays are transposed only for the path that needs the other layout."""
+    """Both public entry points: cuDNN runs in either layout (see
+    :func:`heads_major_cudnn_available`), the fallbacks in (B, H, T, D); the arrays are
+    transposed only for a path that needs the other layout."""
     check_qkv(query, key, value, name=name, layout=layout)
     check_mask(mask, query, key, name=name, layout=layout)
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
@@ -345,17 +386,28 @@ def _flash(
             on_cuda=on_cuda,
         )
         return to_bhtd(out)
-    to_bthd = swap if layout == "bhtd" else (lambda x: x)
-    out = _call_dot_product_attention(
-        to_bthd(query),
-        to_bthd(key),
-        to_bthd(value),
+    scale_value = default_scale(query.shape[-1], scale)
+    if layout == "bhtd" and not heads_major_cudnn_available():
+        out = _call_dot_product_attention(
+            swap(query),
+            swap(key),
+            swap(value),
+            mask=mask,
+            plan=plan,
+            scale=scale_value,
+            implementation="cudnn",
+        )
+        return swap(out)
+    return _call_dot_product_attention(
+        query,
+        key,
+        value,
         mask=mask,
         plan=plan,
-        scale=default_scale(query.shape[-1], scale),
+        scale=scale_value,
         implementation="cudnn",
+        layout=layout,
     )
-    return to_bthd(out)
 
 
 @shape_checked

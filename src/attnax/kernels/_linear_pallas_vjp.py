@@ -46,9 +46,7 @@ def _feature_map_slope(x: Any) -> Any:
     return jnp.where(x > 0, 1.0, jnp.exp(jnp.minimum(x, 0.0)))
 
 
-def _output_cotangents(
-    g_ref: Any, o_ref: Any, denominator_ref: Any, rows: Any
-) -> tuple[Any, Any]:
+def _output_cotangents(g_ref: Any, o_ref: Any, denominator_ref: Any, rows: Any) -> tuple[Any, Any]:
     """u = g / d (C, Dv) and w = -(g . o) / d (C,), zero for rows whose denominator is 0."""
     denominator = denominator_ref[rows]
     positive = denominator > 0.0
@@ -187,9 +185,7 @@ class _Tiles:
         self.states = pl.BlockSpec(
             (None, None, per_program, head_dim, head_dim), lambda b, h, n: (b, h, n, 0, 0)
         )
-        self.norms = pl.BlockSpec(
-            (None, None, per_program, head_dim), lambda b, h, n: (b, h, n, 0)
-        )
+        self.norms = pl.BlockSpec((None, None, per_program, head_dim), lambda b, h, n: (b, h, n, 0))
         self.kv_states = pl.BlockSpec(
             (None, None, per_program, head_dim, head_dim),
             lambda b, h, n: (b, h // group, n, 0, 0),

@@ -77,7 +77,8 @@ class FlashConfig:
     """Tile sizes and Triton launch parameters of the three kernels (hashable: a jit static).
 
     Block sizes are powers of two >= 16; they are shrunk to the (padded) sequence length for
-    short sequences. ``num_warps`` ``None`` picks 4 for head_dim <= 64 and 8 above.
+    short sequences. ``num_warps`` ``None`` picks 8 for head_dim > 64 with forward tiles above
+    128 x 64, and 4 otherwise.
     """
 
     block_q: int = 128
@@ -146,8 +147,16 @@ def _fit(block: int, length: int) -> int:
     return min(block, max(16, _next_pow2(length)))
 
 
-def _compiler_params(num_warps: int | None, num_stages: int, head_dim: int) -> Any:
-    warps = num_warps if num_warps is not None else (4 if head_dim <= 64 else 8)
+def _compiler_params(
+    num_warps: int | None, num_stages: int, head_dim: int, tile: int = 128 * 128
+) -> Any:
+    # Unset warps: 8 for head_dim > 64 on tiles above 128 x 64; 4 otherwise. On the H100 a
+    # 128 x 64 forward tile at head_dim 128 ran 1.28 ms with 4 warps against 1.76 with 8
+    # (B4 S4096 full; benchmarks/NOTES.md).
+    if num_warps is not None:
+        warps = num_warps
+    else:
+        warps = 4 if head_dim <= 64 or tile <= 128 * 64 else 8
     return plgpu.CompilerParams(num_warps=warps, num_stages=num_stages)
 
 
@@ -785,7 +794,9 @@ def forward(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(config.num_warps, config.num_stages, padded_d),
+        compiler_params=_compiler_params(
+            config.num_warps, config.num_stages, padded_d, tile=bq * bk
+        ),
         interpret=config.interpret,
         name="attnax_flash_forward",
     )(q, k, v, indices, counts, *plan.operands)

@@ -38,16 +38,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-# Private JAX internals (see cudnn_pairs_available), typed Any: their signatures are not ours.
-_cudnn: Any
-try:
-    from jax._src.cudnn import fused_attention_stablehlo as _cudnn_module
-except ImportError:  # pragma: no cover - a JAX without it keeps the XLA-tile ring
-    _cudnn = None
-else:
-    _cudnn = _cudnn_module
+from ._common import cudnn_internals, merge_partials, rotate_ring, vary_like, varying_axes
 
-from ._common import merge_partials, rotate_ring, vary_like, varying_axes
+# Private JAX internals (see cudnn_pairs_available); None keeps the XLA-tile ring.
+_cudnn: Any = cudnn_internals
 
 __all__ = ["PairImpl", "cudnn_pairs_available", "flash_ring"]
 
