@@ -169,6 +169,17 @@ linear)
     timeout 240 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1
   fi
   ;;
+final)
+  # Fourth session: every GPU test but PALLAS_FLASH's (those run in `pallasflash`), then the
+  # prefill table with the back-to-back timer.
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/gpu_tests.log" 2>&1
+  tail -4 "$OUT/gpu_tests.log"
+  timeout 250 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1
+  ;;
+pallasflash)
+  timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  tail -4 "$OUT/gpu_tests_pallas_flash.log"
+  ;;
 flex)
   # Fourth session: PALLAS_FLASH's table (back-to-back timer) with a forward tile sweep, then
   # torch's FlexAttention and SDPA on the same card.
