@@ -180,6 +180,14 @@ pallasflash)
   timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   tail -4 "$OUT/gpu_tests_pallas_flash.log"
   ;;
+flex64)
+  # Fourth session, last call: one GPU's compile-only memory of causal fwd+bwd for both FLASH
+  # entry points (the (B, H, T, D) one no longer transposes), then PALLAS_FLASH's table with
+  # 128 x 64 forward tiles beside torch's FlexAttention.
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 120 python3 benchmarks/ring.py --memory --single-only --lengths 1572864,1966080 >"$OUT/memory.log" 2>&1
+  timeout 300 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --budget 260 >"$OUT/pallas_flash.log" 2>&1
+  timeout 220 python3 benchmarks/torch_peers.py 190 >"$OUT/torch_peers.log" 2>&1
+  ;;
 flex)
   # Fourth session: PALLAS_FLASH's table (back-to-back timer) with a forward tile sweep, then
   # torch's FlexAttention and SDPA on the same card.

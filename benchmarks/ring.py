@@ -163,9 +163,11 @@ def memory_report(
     ring = jax.shard_map(ring_body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
 
     ring_lengths = [int(x) for x in args.ring_lengths.split(",") if x] or lengths
+    if args.single_only:
+        ring_lengths = []
     for seq in lengths:
         # One GPU, both layouts of the same cuDNN kernel: the public (B, H, T, D) entry point
-        # (transposes around cuDNN) and the layer's (B, T, H, D) one (none).
+        # and the layer's (B, T, H, D) one.
         analyse("single_flash_cudnn", seq, single_gpu_kernels(block_size)["flash_cudnn"], single,
                 devices=1)
         analyse("single_flash_cudnn_bthd", seq,
@@ -175,8 +177,8 @@ def memory_report(
         analyse("ring_2gpu_zigzag", seq, ring, sharded, devices=len(devices))
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "ring_memory_smoke.json" if args.smoke
-                        else "ring_memory_2xh100.json")
+    name = "ring_memory_single_h100.json" if args.single_only else "ring_memory_2xh100.json"
+    path = os.path.join(out_dir, "ring_memory_smoke.json" if args.smoke else name)
     with open(path, "w") as f:
         json.dump({"devices": [d.device_kind for d in devices], "jax_version": jax.__version__,
                    "bytes_limit_per_device": capacity, "heads": heads, "head_dim": head_dim,
@@ -197,6 +199,8 @@ def main() -> None:
                         help="compile-only peak memory, single GPU vs ring, at 1M-8M tokens")
     parser.add_argument("--ring-lengths", default="",
                         help="--memory: total lengths for the ring rows (default --lengths)")
+    parser.add_argument("--single-only", action="store_true",
+                        help="--memory: only the single-GPU rows (runs on one GPU)")
     parser.add_argument("--no-tiles", action="store_true",
                         help="skip the XLA-tile ring and single-GPU memory_efficient rows")
     args = parser.parse_args()
@@ -209,7 +213,7 @@ def main() -> None:
     iters = args.iters or (2 if args.smoke else 5)
     dtype = jnp.float32 if args.smoke else jnp.bfloat16
     devices = jax.devices()[:2]
-    if len(devices) < 2:
+    if len(devices) < 2 and not (args.memory and args.single_only):
         sys.exit("benchmarks/ring.py needs 2 devices (run on nvidia-h100-x2, or --smoke on CPU)")
     mesh = Mesh(np.array(devices), ("seq",))
     spec = PartitionSpec(None, None, "seq", None)  # type: ignore[no-untyped-call]
