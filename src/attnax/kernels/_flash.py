@@ -386,28 +386,20 @@ def _flash(
             on_cuda=on_cuda,
         )
         return to_bhtd(out)
-    scale_value = default_scale(query.shape[-1], scale)
-    if layout == "bhtd" and not heads_major_cudnn_available():
-        out = _call_dot_product_attention(
-            swap(query),
-            swap(key),
-            swap(value),
-            mask=mask,
-            plan=plan,
-            scale=scale_value,
-            implementation="cudnn",
-        )
-        return swap(out)
-    return _call_dot_product_attention(
-        query,
-        key,
-        value,
+    # cuDNN takes either layout where JAX's cuDNN module is there; else (B, T, H, D) only.
+    cudnn_layout = layout if heads_major_cudnn_available() else "bthd"
+    to_cudnn = swap if cudnn_layout != layout else (lambda x: x)
+    out = _call_dot_product_attention(
+        to_cudnn(query),
+        to_cudnn(key),
+        to_cudnn(value),
         mask=mask,
         plan=plan,
-        scale=scale_value,
+        scale=default_scale(query.shape[-1], scale),
         implementation="cudnn",
-        layout=layout,
+        layout=cudnn_layout,
     )
+    return to_cudnn(out)
 
 
 @shape_checked

@@ -168,16 +168,7 @@ def _fused_causal(
     interpret: bool,
 ) -> Float[Array, "B H T D"]:
     """Pallas forward (:mod:`._linear_pallas`) and backward (:mod:`._linear_pallas_vjp`)."""
-    out, _ = fused_causal_forward(
-        query,
-        key,
-        value,
-        chunk=chunk,
-        scale=scale,
-        exclusive_prefix_sum=_exclusive_prefix_sum,
-        interpret=interpret,
-    )
-    return out
+    return _fused_causal_fwd(query, key, value, chunk, scale, precision, interpret)[0]
 
 
 _FusedResiduals = tuple[Array, Array, Array, Array, ForwardResiduals]
