@@ -222,7 +222,9 @@ def test_cudnn_matches_reference(case: str) -> None:
     assert relative_error(_bthd(out_bthd), out) < 1e-2
     # And so is the bhtd one: cuDNN takes the heads-major layout itself.
     assert heads_major_cudnn_available()
-    jaxpr = str(jax.make_jaxpr(lambda *a: flash_attention(*a, score_mod=score_mod))(query, key, value))
+    jaxpr = str(
+        jax.make_jaxpr(lambda *a: flash_attention(*a, score_mod=score_mod))(query, key, value)
+    )
     assert "transpose" not in jaxpr, case
 
 

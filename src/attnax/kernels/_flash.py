@@ -168,7 +168,7 @@ def heads_major_cudnn_available() -> bool:
     """Whether cuDNN can be called on (B, H, T, D) arrays directly (JAX's private entry point).
 
     ``jax.nn.dot_product_attention`` takes (B, T, H, D) only, so the (B, H, T, D) entry point
-    would transpose its inputs and output (2-39% of the time, 3 more (T, H, D) arrays of
+    would transpose its inputs and output (up to 1.5x the time and 3 more (T, H, D) arrays of
     memory: benchmarks/NOTES.md). JAX's own cuDNN module takes the layout as an argument; a
     JAX release without it keeps the transposes.
     """

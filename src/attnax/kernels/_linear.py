@@ -409,8 +409,8 @@ def linear_attention(
         (per-chunk states, then per-chunk outputs; the prefix over chunks stays one XLA
         matmul), which keep the feature maps, weights and numerators on chip, and its
         backward as three more kernels of the same shape. ``None`` (default): fused on a GPU
-        for bf16/fp16 inputs with power-of-two head_dim and chunk in [16, 256], else XLA. ``True``: fused or
-        ``NotImplementedError`` with the reason. ``False``: XLA.
+        for bf16/fp16 inputs with power-of-two head_dim and chunk in [16, 256], else XLA.
+        ``True``: fused or ``NotImplementedError`` with the reason. ``False``: XLA.
       interpret: run the fused kernels in the Pallas interpreter (CPU tests; float32 allowed).
 
     Returns:

@@ -1,21 +1,26 @@
-"""Fused Pallas kernels for causal chunkwise linear attention (forward).
+"""Fused Pallas kernels for causal chunkwise linear attention: the forward.
 
 The XLA formulation in :mod:`attnax.kernels._linear` runs five memory-bound stages whose
 intermediates (feature maps, per-chunk (D, D) states, intra-chunk weights, float32 numerators)
 are each as large as the inputs. Two kernels keep all of that on chip:
 
-* ``chunk_states``: one program per (batch, kv head, chunk) reads the chunk's keys and values
-  once and writes ``phi(K_c)^T V_c`` (D × D, rounded to the input dtype, float32 accumulation)
-  and ``sum_t phi(k_t)`` (float32);
+* ``chunk_states``: for each (batch, kv head, chunk), reads the chunk's keys and values once
+  and writes ``phi(K_c)^T V_c`` (D × D, rounded to the input dtype, float32 accumulation) and
+  ``sum_t phi(k_t)`` (float32);
 * the prefix sum over chunks stays one XLA matmul (``_linear._exclusive_prefix_sum``);
-* ``chunk_outputs``: one program per (batch, query head, chunk) reads the chunk's queries, keys,
-  values and its prefix state, and writes the finished output:
-  ``(mask(phi(Q_c) phi(K_c)^T) V_c + phi(Q_c) S_c) / (rowsum(...) + phi(Q_c) z_c)``.
+* ``chunk_outputs``: for each (batch, query head, chunk), reads the chunk's queries, keys,
+  values and its prefix state, and writes the finished output
+  ``(mask(phi(Q_c) phi(K_c)^T) V_c + phi(Q_c) S_c) / (rowsum(...) + phi(Q_c) z_c)`` and its
+  denominator.
+
+Each program takes ``CHUNKS_PER_PROGRAM`` consecutive chunks (two by default, in a loop the
+states kernel pipelines over two stages); the chunks are independent, so this only changes
+how loads overlap.
 
 Rounding matches the XLA path (bf16 feature maps, states and weights entering matmuls,
-float32 accumulation), so both paths agree to bf16 precision. The backward is the XLA
-backward (:mod:`._linear_pallas_vjp`) has the same two-pass shape and uses the denominator and
-prefix states this forward saves.
+float32 accumulation), so both paths agree to bf16 precision. The backward
+(:mod:`._linear_pallas_vjp`) has the same two-pass shape and uses the denominator and prefix
+states this forward saves.
 """
 
 import functools
