@@ -188,6 +188,19 @@ flex64)
   timeout 300 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --budget 260 >"$OUT/pallas_flash.log" 2>&1
   timeout 220 python3 benchmarks/torch_peers.py 190 >"$OUT/torch_peers.log" 2>&1
   ;;
+consecutive)
+  # Fourth session, call 9: PALLAS_FLASH's forward stepping through consecutive full blocks by
+  # arithmetic (CONSECUTIVE_FULL_BLOCKS) against the indexed loop, dense configs, no peers;
+  # then PALLAS_FLASH's GPU tests.
+  ONLY="B4 S4096 causal,B4 S4096 full,B1 S16384 causal,B1 S16384 full"
+  for kv in 64 128; do
+    timeout 100 python3 benchmarks/pallas_flash.py --only "$ONLY" --no-peers --fwd-block-kv $kv --tag consecutive >"$OUT/pf_kv${kv}_consecutive.log" 2>&1
+    timeout 100 python3 benchmarks/pallas_flash.py --only "$ONLY" --no-peers --fwd-block-kv $kv --indexed-full --tag indexed >"$OUT/pf_kv${kv}_indexed.log" 2>&1
+  done
+  grep -h "attnax pallas_flash" "$OUT"/pf_*.log
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  tail -2 "$OUT/gpu_tests_pallas_flash.log"
+  ;;
 flex)
   # Fourth session: PALLAS_FLASH's table (back-to-back timer) with a forward tile sweep, then
   # torch's FlexAttention and SDPA on the same card.

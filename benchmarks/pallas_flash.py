@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from attnax import _mods as mods
+from attnax.kernels import _pallas_flash
 from attnax.kernels._pallas_flash import FlashConfig, flash_attention_with_config
 
 HEADS, HEAD_DIM = 16, 128
@@ -268,6 +269,10 @@ def main() -> None:
     parser.add_argument("--fwd-sweep", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--indexed-full", action="store_true",
+                        help="forward loads every full block's index (CONSECUTIVE_FULL_BLOCKS off)")
+    parser.add_argument("--tag", default="")
     parser.add_argument("--only", default="")
     parser.add_argument("--budget", type=float, default=330.0)
     args = parser.parse_args()
@@ -276,10 +281,11 @@ def main() -> None:
     # --fwd-block-kv 64: the table with 128 x 64 forward tiles (4 warps, 2 stages), the
     # forward sweep's best; the backward keeps its defaults.
     flash = FlashConfig(block_kv=args.fwd_block_kv)
+    _pallas_flash.CONSECUTIVE_FULL_BLOCKS = not args.indexed_full
     for cfg in [] if args.skip_table else config_list():
         if args.only and not any(token in cfg["name"] for token in args.only.split(",")):
             continue
-        run_config(cfg, flash, peers=True, budget=args.budget)
+        run_config(cfg, flash, peers=not args.no_peers, budget=args.budget)
     if args.fwd_sweep:
         forward_sweep(args.budget)
     if args.sweep:
@@ -302,6 +308,8 @@ def main() -> None:
     out_dir = os.environ.get("OUT", os.path.join(os.path.dirname(__file__), "results"))
     os.makedirs(out_dir, exist_ok=True)
     name = "pallas_flash_h100.json" if args.fwd_block_kv == 128 else f"pallas_flash_kv{args.fwd_block_kv}_h100.json"
+    if args.tag:
+        name = name.replace("_h100.json", f"_{args.tag}_h100.json")
     path = os.path.join(out_dir, name)
     with open(path, "w") as fh:
         json.dump({"device": device, "jax": jax.__version__, "rows": rows, "ratios": ratios}, fh, indent=1)

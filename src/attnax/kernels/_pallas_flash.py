@@ -603,6 +603,33 @@ class _Static:
     block_q: int
     block_kv: int
     precision: Any
+    # The forward steps through a row's full key blocks by arithmetic (see
+    # _full_blocks_consecutive) instead of loading each index from the list.
+    consecutive_full: bool = False
+
+
+# Read at trace time; benchmarks/pallas_flash.py turns it off to time the indexed loop.
+CONSECUTIVE_FULL_BLOCKS = True
+
+
+def _interval_mask(mask_mod: Any) -> bool:
+    """Whether the mask lets each query see one interval of keys that moves with the query."""
+    if mask_mod is None or isinstance(mask_mod, (CausalMask, SlidingWindowMask)):
+        return True
+    if isinstance(mask_mod, AndMask):
+        return all(_interval_mask(part) for part in mask_mod.mask_mods)
+    return False
+
+
+def _full_blocks_consecutive(plan: "_Plan") -> bool:
+    """Whether every row's full key blocks are consecutive block indices (ascending).
+
+    True without a mask, for causal masks and sliding windows and intersections of these (a
+    row of query blocks sees a band of key blocks whose fully allowed part is an interval;
+    the key padding block, forced partial, sits at the band's end). A dense mask or a
+    document or prefix mask gives no such guarantee and keeps the indexed loop.
+    """
+    return plan.dense_mask is None and _interval_mask(plan.mask_mod)
 
 
 def _forward_kernel(
@@ -623,9 +650,18 @@ def _forward_kernel(
     q = q_ref[...]
     head_dim = q.shape[-1]
 
+    n_partial = cnt_ref[0]
+    n_full = cnt_ref[1]
+    if static.consecutive_full:
+        # Full blocks are first_full, first_full + 1, ...: no index load inside that loop.
+        first_full = idx_ref[jnp.minimum(n_partial, idx_ref.shape[0] - 1)]
+
     def step(j: Any, carry: Any, masked: bool) -> Any:
         acc, m_prev, l_prev = carry
-        kv_start = idx_ref[j] * bk
+        if static.consecutive_full and not masked:
+            kv_start = (first_full + (j - n_partial)) * bk
+        else:
+            kv_start = idx_ref[j] * bk
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
         tile = _Tile(
@@ -655,8 +691,6 @@ def _forward_kernel(
         acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v, static.precision)
         return acc, m_next, l_next
 
-    n_partial = cnt_ref[0]
-    n_full = cnt_ref[1]
     carry = (
         jnp.zeros((bq, head_dim), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -769,7 +803,14 @@ def forward(
         num_q_blocks=padded_q // bq,
     )
     indices, counts = block_lists(classes)
-    static = _Static(scale, group, bq, bk, matmul_precision(q.dtype))
+    static = _Static(
+        scale,
+        group,
+        bq,
+        bk,
+        matmul_precision(q.dtype),
+        consecutive_full=CONSECUTIVE_FULL_BLOCKS and _full_blocks_consecutive(plan),
+    )
     kernel = functools.partial(_forward_kernel, plan=plan, static=static)
     idx_spec, cnt_spec = _list_spec(indices, counts)
     in_specs = [
