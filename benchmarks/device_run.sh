@@ -201,6 +201,16 @@ consecutive)
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   tail -2 "$OUT/gpu_tests_pallas_flash.log"
   ;;
+consecutive2)
+  # Call 10: the same comparison with the backward kernels also stepping by arithmetic
+  # (128 x 64 forward tiles), then PALLAS_FLASH's GPU tests.
+  ONLY="B4 S4096 causal,B4 S4096 full,B1 S16384 causal,B1 S16384 full"
+  timeout 100 python3 benchmarks/pallas_flash.py --only "$ONLY" --no-peers --fwd-block-kv 64 --tag consecutive2 >"$OUT/pf_consecutive.log" 2>&1
+  timeout 100 python3 benchmarks/pallas_flash.py --only "$ONLY" --no-peers --fwd-block-kv 64 --indexed-full --tag indexed2 >"$OUT/pf_indexed.log" 2>&1
+  grep -h "attnax pallas_flash" "$OUT"/pf_*.log
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  tail -2 "$OUT/gpu_tests_pallas_flash.log"
+  ;;
 flex)
   # Fourth session: PALLAS_FLASH's table (back-to-back timer) with a forward tile sweep, then
   # torch's FlexAttention and SDPA on the same card.

@@ -113,6 +113,23 @@ def test_full_mqa_mixed_blocks() -> None:
     _check(seed=1, num_kv_heads=1, seq_q=24, seq_kv=72, head_dim=32, block_q=32, block_kv=16)
 
 
+@pytest.mark.parametrize("window", [None, 80])
+def test_runs_of_full_blocks_in_every_kernel(window: int | None) -> None:
+    # Long enough for several full blocks per row and per column in all three kernels (the
+    # backward's 64-row tiles too), which they step through by arithmetic.
+    score_mod = mods.causal_mod() if window is None else mods.sliding_window_mod(window)
+    _check(
+        seed=9,
+        score_mod_of=lambda: score_mod,
+        seq_q=256,
+        seq_kv=256,
+        head_dim=16,
+        num_kv_heads=2,
+        block_q=32,
+        block_kv=32,
+    )
+
+
 def test_sliding_window_with_alibi() -> None:
     score_mod = mods.compose_score_mods(mods.alibi_mod(4), mods.sliding_window_mod(12))
     _check(seed=2, score_mod_of=lambda: score_mod, seq_q=64, seq_kv=64)
@@ -298,7 +315,12 @@ def _gpu_case(
     score_mod: Any, *, seq: int, dtype: Any, num_kv_heads: int = 8, head_dim: int = 128
 ) -> None:
     query, key, value = random_qkv(
-        20, batch=2, num_heads=8, num_kv_heads=num_kv_heads, seq_q=seq, head_dim=head_dim,
+        20,
+        batch=2,
+        num_heads=8,
+        num_kv_heads=num_kv_heads,
+        seq_q=seq,
+        head_dim=head_dim,
         dtype=dtype,
     )
     cotangent = jax.random.normal(jax.random.key(21), query.shape, jnp.float32).astype(dtype)

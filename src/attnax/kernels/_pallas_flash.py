@@ -604,7 +604,7 @@ class _Static:
     block_kv: int
     precision: Any
     # The forward steps through a row's full key blocks by arithmetic (see
-    # _full_blocks_consecutive) instead of loading each index from the list.
+    # full_blocks_consecutive) instead of loading each index from the list.
     consecutive_full: bool = False
 
 
@@ -621,8 +621,9 @@ def _interval_mask(mask_mod: Any) -> bool:
     return False
 
 
-def _full_blocks_consecutive(plan: "_Plan") -> bool:
-    """Whether every row's full key blocks are consecutive block indices (ascending).
+def full_blocks_consecutive(plan: "_Plan") -> bool:
+    """Whether every row's full key blocks (and every column's full query blocks) are
+    consecutive block indices, ascending.
 
     True without a mask, for causal masks and sliding windows and intersections of these (a
     row of query blocks sees a band of key blocks whose fully allowed part is an interval;
@@ -809,7 +810,7 @@ def forward(
         bq,
         bk,
         matmul_precision(q.dtype),
-        consecutive_full=CONSECUTIVE_FULL_BLOCKS and _full_blocks_consecutive(plan),
+        consecutive_full=CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan),
     )
     kernel = functools.partial(_forward_kernel, plan=plan, static=static)
     idx_spec, cnt_spec = _list_spec(indices, counts)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import _pallas_flash
 from ._pallas_flash import (
     _LOG2E,
     FlashConfig,
@@ -37,6 +38,7 @@ from ._pallas_flash import (
     dot_nn,
     dot_nt,
     dot_tn,
+    full_blocks_consecutive,
     matmul_precision,
 )
 
@@ -85,6 +87,7 @@ def _dkv_kernel(
     block_q: int,
     block_kv: int,
     precision: Any,
+    consecutive_full: bool = False,
 ) -> None:
     num_operands = len(plan.operands)
     operand_refs = refs[:num_operands]
@@ -98,10 +101,17 @@ def _dkv_kernel(
     def head_body(g: Any, carry: Any) -> Any:
         h = kv_head * group + g
         h_list = h if many_h else 0
+        n_partial = cnt_ref[h_list, 0]
+        n_full = cnt_ref[h_list, 1]
+        if consecutive_full:
+            first_full = idx_ref[h_list, jnp.minimum(n_partial, idx_ref.shape[1] - 1)]
 
         def step(j: Any, carry: Any, masked: bool) -> Any:
             dk, dv = carry
-            q_start = idx_ref[h_list, j] * block_q
+            if consecutive_full and not masked:
+                q_start = (first_full + (j - n_partial)) * block_q
+            else:
+                q_start = idx_ref[h_list, j] * block_q
             rows = pl.ds(q_start, block_q)
             q = q_ref[g, rows, :]
             do = do_ref[g, rows, :]
@@ -126,8 +136,6 @@ def _dkv_kernel(
             dk = dk + dot_tn(d_raw.astype(q.dtype), q, precision)
             return dk, dv
 
-        n_partial = cnt_ref[h_list, 0]
-        n_full = cnt_ref[h_list, 1]
         carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
         return jax.lax.fori_loop(
             n_partial, n_partial + n_full, functools.partial(step, masked=False), carry
@@ -155,6 +163,7 @@ def _dq_kernel(
     block_q: int,
     block_kv: int,
     precision: Any,
+    consecutive_full: bool = False,
 ) -> None:
     num_operands = len(plan.operands)
     num_biases = len(plan.bias_slots)
@@ -169,9 +178,16 @@ def _dq_kernel(
     do = do_ref[...]
     lse = lse_ref[...]
     delta = delta_ref[...]
+    n_partial = cnt_ref[0]
+    n_full = cnt_ref[1]
+    if consecutive_full:
+        first_full = idx_ref[jnp.minimum(n_partial, idx_ref.shape[0] - 1)]
 
     def step(j: Any, dq: Any, masked: bool) -> Any:
-        kv_start = idx_ref[j] * block_kv
+        if consecutive_full and not masked:
+            kv_start = (first_full + (j - n_partial)) * block_kv
+        else:
+            kv_start = idx_ref[j] * block_kv
         cols = pl.ds(kv_start, block_kv)
         k = k_ref[cols, :]
         v = v_ref[cols, :]
@@ -194,8 +210,6 @@ def _dq_kernel(
             dbias_ref[:, cols] = d_bias.astype(dbias_ref.dtype)
         return dq + dot_nn(d_raw.astype(k.dtype), k, precision)
 
-    n_partial = cnt_ref[0]
-    n_full = cnt_ref[1]
     dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
     dq = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), dq)
     dq = jax.lax.fori_loop(n_partial, n_partial + n_full, functools.partial(step, masked=False), dq)
@@ -226,6 +240,8 @@ def backward(
     )
     params = _compiler_params(config.num_warps_bwd, config.num_stages_bwd, padded_d)
     operand_specs = _operand_specs(plan)
+    # Consecutive full blocks along either axis (an interval mask's band is one in both).
+    consecutive_full = _pallas_flash.CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan)
 
     # ---- dK / dV: grid over key blocks; query blocks listed per key block (transposed map).
     bq = _fit(config.block_q_dkv, seq_q)
@@ -264,6 +280,7 @@ def backward(
             block_q=bq,
             block_kv=bk,
             precision=precision,
+            consecutive_full=consecutive_full,
         ),
         grid=(num_kv_blocks, batch, num_kv_heads),
         in_specs=[
@@ -323,6 +340,7 @@ def backward(
             block_q=bq,
             block_kv=bk,
             precision=precision,
+            consecutive_full=consecutive_full,
         ),
         grid=(padded_q // bq, batch, num_heads),
         in_specs=[
