@@ -211,6 +211,13 @@ consecutive2)
   timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   tail -2 "$OUT/gpu_tests_pallas_flash.log"
   ;;
+flexfinal)
+  # Call 11: the final PALLAS_FLASH (consecutive full blocks in all kernels), whole table with
+  # the default 128 x 128 forward tiles and with 128 x 64, beside torch's FlexAttention.
+  timeout 200 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --no-peers --tag final --budget 170 >"$OUT/pallas_flash_kv64.log" 2>&1
+  timeout 200 python3 benchmarks/pallas_flash.py --no-peers --tag final --budget 170 >"$OUT/pallas_flash_kv128.log" 2>&1
+  timeout 180 python3 benchmarks/torch_peers.py 150 >"$OUT/torch_peers.log" 2>&1
+  ;;
 flex)
   # Fourth session: PALLAS_FLASH's table (back-to-back timer) with a forward tile sweep, then
   # torch's FlexAttention and SDPA on the same card.
