@@ -318,6 +318,25 @@ def test_fused_kernels_raise_short_chunks_to_128_interpreted() -> None:
     assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
 
 
+def test_fused_kernels_under_vmap_and_grad_interpreted() -> None:
+    """vmap over an extra leading axis batches the Pallas calls, forward and backward."""
+    keys = jax.random.split(jax.random.key(27), 3)
+    q, k, v = (jax.random.normal(key, (3, 1, 2, 64, 16)) for key in keys)
+
+    def batched(use_pallas: bool) -> Any:
+        return jax.vmap(
+            lambda *a: linear_attention(
+                *a, chunk_size=16, use_pallas=use_pallas, interpret=use_pallas
+            )
+        )
+
+    assert relative_error(batched(True)(q, k, v), batched(False)(q, k, v)) < 1e-5
+    got = jax.grad(lambda *a: jnp.sum(jnp.sin(batched(True)(*a))), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda *a: jnp.sum(jnp.sin(batched(False)(*a))), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert relative_error(g, w) < 1e-5, name
+
+
 @pytest.mark.parametrize("per_program", [2, 3])
 def test_fused_several_chunks_per_program_interpreted(
     monkeypatch: pytest.MonkeyPatch, per_program: int
