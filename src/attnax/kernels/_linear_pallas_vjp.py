@@ -13,11 +13,12 @@ over keys ``s <= t``), the output is :math:`o_t = n_t / d_t`. For an output cota
   and :math:`h_c = \\sum \\phi(q_t) w_t` over the later chunks:
   :math:`G_c v_s + h_c` and :math:`G_c^\\top \\phi(k_s)`.
 
-So the backward has the forward's shape: ``grad_states`` (one program per chunk) writes each
-chunk's :math:`(G, h)` terms, one XLA matmul forms the exclusive suffix sums, and two kernels
-(``grad_query``; ``grad_key_value``) finish each chunk with its (C, C) intra-chunk weights on
-chip. Every kernel is one program per (batch, query head, chunk) with no loop; key and value
-gradients of grouped heads are per query head and summed over the group afterwards. Rounding
+So the backward has the forward's shape: ``grad_states`` writes each chunk's :math:`(G, h)`
+terms, one XLA matmul forms the exclusive suffix sums, and two kernels (``grad_query``;
+``grad_key_value``) finish each chunk with its (C, C) intra-chunk weights on chip. Every kernel
+works per (batch, query head, chunk), one chunk per program by default (``CHUNKS_PER_PROGRAM``
+of :mod:`._linear_pallas`; two per program measured no faster); key and value gradients of
+grouped heads are per query head and summed over the group afterwards. Rounding
 follows the forward: half-precision operands into every matmul, float32 accumulation, float32
 feature maps and sums.
 """
