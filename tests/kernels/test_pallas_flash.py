@@ -21,6 +21,7 @@ from attnax.kernels._pallas_flash import (
     block_classes,
     block_lists,
     flash_attention_with_config,
+    full_blocks_consecutive,
     pallas_flash_attention,
 )
 from attnax.kernels._standard import standard_attention
@@ -218,6 +219,72 @@ def test_block_lists_skip_empty_and_order_partial_first() -> None:
     # Query block i: one partial (the diagonal), i full blocks, the rest never listed.
     assert np.asarray(counts)[0, 0].tolist() == [[1, 0], [1, 1], [1, 2], [1, 3]]
     assert np.asarray(indices)[0, 0, 3, :4].tolist() == [3, 0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("mod_name", "seq_q", "seq_kv"),
+    [
+        ("none", 70, 100),
+        ("causal", 100, 100),
+        ("causal", 60, 100),
+        ("window", 100, 100),
+        ("window-both-sides", 90, 100),
+        ("causal-and-window", 100, 100),
+        ("documents", 96, 96),
+    ],
+)
+def test_full_blocks_consecutive_is_what_the_lists_hold(
+    mod_name: str, seq_q: int, seq_kv: int
+) -> None:
+    """The kernels step through full blocks by arithmetic only where the lists allow it.
+
+    Where ``full_blocks_consecutive`` says so, every row's full blocks (and, transposed, every
+    column's) are consecutive ascending indices, padding included; for a document mask it
+    must say no (its rows skip blocks).
+    """
+    ids = jnp.asarray(np.repeat(np.array([[0, 1, 0]]), [32, 32, 32], axis=1))
+    score_mod = {
+        "none": None,
+        "causal": mods.causal_mod(),
+        "window": mods.sliding_window_mod(40),
+        "window-both-sides": mods.sliding_window_mod(24, causal=False),
+        "causal-and-window": mods.compose_score_mods(
+            mods.causal_mod(), mods.sliding_window_mod(50)
+        ),
+        "documents": mods.document_mask_mod(ids),
+    }[mod_name]
+    block = 16
+    padded_q, padded_kv = -(-seq_q // block) * block, -(-seq_kv // block) * block
+    plan = _build_plan(
+        None,
+        score_mod,
+        batch=1,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        padded_q=padded_q,
+        padded_kv=padded_kv,
+    )
+    consecutive = full_blocks_consecutive(plan)
+    assert consecutive == (mod_name != "documents")
+    classes = block_classes(
+        plan,
+        batch=1,
+        num_heads=1,
+        seq_q=seq_q,
+        seq_kv=seq_kv,
+        block_q=block,
+        block_kv=block,
+        num_q_blocks=padded_q // block,
+    )
+    runs_ok = []
+    for table in (classes, jnp.swapaxes(classes, -1, -2)):
+        indices, counts = (np.asarray(x) for x in block_lists(table))
+        for row, (n_partial, n_full) in zip(
+            indices.reshape(-1, indices.shape[-1]), counts.reshape(-1, 2), strict=True
+        ):
+            full = row[n_partial : n_partial + n_full]
+            runs_ok.append(bool(np.all(np.diff(full) == 1)))
+    assert all(runs_ok) if consecutive else not all(runs_ok)
 
 
 def test_padded_last_key_block_is_partial() -> None:
