@@ -603,8 +603,7 @@ class _Static:
     block_q: int
     block_kv: int
     precision: Any
-    # The forward steps through a row's full key blocks by arithmetic (see
-    # full_blocks_consecutive) instead of loading each index from the list.
+    # The forward steps through a row's full key blocks by arithmetic (listed_block).
     consecutive_full: bool = False
 
 
@@ -619,6 +618,21 @@ def _interval_mask(mask_mod: Any) -> bool:
     if isinstance(mask_mod, AndMask):
         return all(_interval_mask(part) for part in mask_mod.mask_mods)
     return False
+
+
+def listed_block(
+    index_at: Callable[[Any], Any], n_partial: Any, width: int, consecutive_full: bool
+) -> Callable[[Any, bool], Any]:
+    """``block(j, masked)``: the block index at position ``j`` of a row's list.
+
+    The list holds ``n_partial`` partial blocks, then the full ones. Where the full blocks are
+    consecutive (:func:`full_blocks_consecutive`), positions past the partial ones are found
+    by arithmetic from the first full block, so that loop loads no index.
+    """
+    if not consecutive_full:
+        return lambda j, masked: index_at(j)
+    first_full = index_at(jnp.minimum(n_partial, width - 1))
+    return lambda j, masked: index_at(j) if masked else first_full + (j - n_partial)
 
 
 def full_blocks_consecutive(plan: "_Plan") -> bool:
@@ -653,16 +667,13 @@ def _forward_kernel(
 
     n_partial = cnt_ref[0]
     n_full = cnt_ref[1]
-    if static.consecutive_full:
-        # Full blocks are first_full, first_full + 1, ...: no index load inside that loop.
-        first_full = idx_ref[jnp.minimum(n_partial, idx_ref.shape[0] - 1)]
+    block = listed_block(
+        lambda j: idx_ref[j], n_partial, idx_ref.shape[0], static.consecutive_full
+    )
 
     def step(j: Any, carry: Any, masked: bool) -> Any:
         acc, m_prev, l_prev = carry
-        if static.consecutive_full and not masked:
-            kv_start = (first_full + (j - n_partial)) * bk
-        else:
-            kv_start = idx_ref[j] * bk
+        kv_start = block(j, masked) * bk
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
         tile = _Tile(

@@ -39,6 +39,7 @@ from ._pallas_flash import (
     dot_nt,
     dot_tn,
     full_blocks_consecutive,
+    listed_block,
     matmul_precision,
 )
 
@@ -103,15 +104,13 @@ def _dkv_kernel(
         h_list = h if many_h else 0
         n_partial = cnt_ref[h_list, 0]
         n_full = cnt_ref[h_list, 1]
-        if consecutive_full:
-            first_full = idx_ref[h_list, jnp.minimum(n_partial, idx_ref.shape[1] - 1)]
+        block = listed_block(
+            lambda j: idx_ref[h_list, j], n_partial, idx_ref.shape[1], consecutive_full
+        )
 
         def step(j: Any, carry: Any, masked: bool) -> Any:
             dk, dv = carry
-            if consecutive_full and not masked:
-                q_start = (first_full + (j - n_partial)) * block_q
-            else:
-                q_start = idx_ref[h_list, j] * block_q
+            q_start = block(j, masked) * block_q
             rows = pl.ds(q_start, block_q)
             q = q_ref[g, rows, :]
             do = do_ref[g, rows, :]
@@ -180,14 +179,10 @@ def _dq_kernel(
     delta = delta_ref[...]
     n_partial = cnt_ref[0]
     n_full = cnt_ref[1]
-    if consecutive_full:
-        first_full = idx_ref[jnp.minimum(n_partial, idx_ref.shape[0] - 1)]
+    block = listed_block(lambda j: idx_ref[j], n_partial, idx_ref.shape[0], consecutive_full)
 
     def step(j: Any, dq: Any, masked: bool) -> Any:
-        if consecutive_full and not masked:
-            kv_start = (first_full + (j - n_partial)) * block_kv
-        else:
-            kv_start = idx_ref[j] * block_kv
+        kv_start = block(j, masked) * block_kv
         cols = pl.ds(kv_start, block_kv)
         k = k_ref[cols, :]
         v = v_ref[cols, :]
