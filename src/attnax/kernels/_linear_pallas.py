@@ -35,12 +35,15 @@ from ._decode import _gpu_compiler_params, _is_power_of_two
 
 __all__ = [
     "ForwardResiduals",
+    "causal_in_chunk",
+    "chunk_dot",
     "chunks_per_program",
     "compiler_params",
     "feature_map",
     "for_each_chunk",
     "fused_causal_forward",
     "fused_unsupported_reason",
+    "scaled_query",
 ]
 
 _MAX_TILE = 256
@@ -60,6 +63,27 @@ def fused_unsupported_reason(*, dtype: Any, head_dim: int, chunk: int) -> str | 
 def feature_map(x: Any) -> Any:
     # elu(x) + 1, written with exp and where (what the Triton lowering has).
     return jnp.where(x > 0, x + 1.0, jnp.exp(jnp.minimum(x, 0.0)))
+
+
+def chunk_dot(a: Any, b: Any, contract: tuple[int, int]) -> Any:
+    """``a`` and ``b`` contracted over axes ``contract`` (one each), accumulated in float32."""
+    return jax.lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def causal_in_chunk(weights: Any) -> Any:
+    """(C, C) weights with the pairs of a later key than query set to 0."""
+    chunk = weights.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    return jnp.where(rows >= cols, weights, 0.0)
+
+
+def scaled_query(q_ref: Any, rows: Any, scale: float) -> Any:
+    """The chunk's queries in float32, times the query scale."""
+    q = q_ref[rows, :].astype(jnp.float32)
+    return q * scale if scale != 1.0 else q
 
 
 def for_each_chunk(rows: int, chunk: int, body: Any) -> None:
@@ -87,10 +111,7 @@ def _chunk_state_kernel(
     def one_chunk(i: Any) -> None:
         rows = pl.ds(i * chunk, chunk)
         phi_k = feature_map(k_ref[rows, :].astype(jnp.float32)).astype(v_ref.dtype)
-        state = jax.lax.dot_general(
-            phi_k, v_ref[rows, :], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        state_ref[i] = state.astype(state_ref.dtype)
+        state_ref[i] = chunk_dot(phi_k, v_ref[rows, :], (0, 0)).astype(state_ref.dtype)
         norm_ref[i] = jnp.sum(phi_k.astype(jnp.float32), axis=0)
 
     for_each_chunk(k_ref.shape[0], chunk, one_chunk)
@@ -112,23 +133,11 @@ def _chunk_output_kernel(
 
     def one_chunk(i: Any) -> None:
         rows = pl.ds(i * chunk, chunk)
-        q = q_ref[rows, :].astype(jnp.float32)
-        if scale != 1.0:
-            q = q * scale
-        phi_q = feature_map(q).astype(operand)
+        phi_q = feature_map(scaled_query(q_ref, rows, scale)).astype(operand)
         phi_k = feature_map(k_ref[rows, :].astype(jnp.float32)).astype(operand)
         v = v_ref[rows, :]
-        weights = jax.lax.dot_general(
-            phi_q, phi_k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        row_ids = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-        col_ids = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-        weights = jnp.where(row_ids >= col_ids, weights, 0.0).astype(operand)
-        numerator = jax.lax.dot_general(
-            weights, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        ) + jax.lax.dot_general(
-            phi_q, state_ref[i], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        weights = causal_in_chunk(chunk_dot(phi_q, phi_k, (1, 1))).astype(operand)
+        numerator = chunk_dot(weights, v, (1, 0)) + chunk_dot(phi_q, state_ref[i], (1, 0))
         norm = norm_ref[i].astype(operand).astype(jnp.float32)
         denominator = jnp.sum(weights.astype(jnp.float32), axis=1) + jnp.sum(
             phi_q.astype(jnp.float32) * norm[None, :], axis=1

@@ -33,10 +33,13 @@ from jaxtyping import Array, Float
 
 from ._linear_pallas import (
     ForwardResiduals,
+    causal_in_chunk,
+    chunk_dot,
     chunks_per_program,
     compiler_params,
     feature_map,
     for_each_chunk,
+    scaled_query,
 )
 
 __all__ = ["fused_causal_backward"]
@@ -58,24 +61,6 @@ def _output_cotangents(g_ref: Any, o_ref: Any, denominator_ref: Any, rows: Any) 
     return u, w
 
 
-def _causal(weights: Any) -> Any:
-    chunk = weights.shape[0]
-    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
-    return jnp.where(rows >= cols, weights, 0.0)
-
-
-def _dot(a: Any, b: Any, contract: tuple[int, int]) -> Any:
-    return jax.lax.dot_general(
-        a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32
-    )
-
-
-def _scaled_query(q_ref: Any, rows: Any, scale: float) -> Any:
-    q = q_ref[rows, :].astype(jnp.float32)
-    return q * scale if scale != 1.0 else q
-
-
 def _grad_state_kernel(
     q_ref: Any,
     g_ref: Any,
@@ -91,9 +76,9 @@ def _grad_state_kernel(
 
     def one_chunk(i: Any) -> None:
         rows = pl.ds(i * chunk, chunk)
-        phi_q = feature_map(_scaled_query(q_ref, rows, scale)).astype(operand)
+        phi_q = feature_map(scaled_query(q_ref, rows, scale)).astype(operand)
         u, w = _output_cotangents(g_ref, o_ref, denominator_ref, rows)
-        state_ref[i] = _dot(phi_q, u.astype(operand), (0, 0)).astype(operand)
+        state_ref[i] = chunk_dot(phi_q, u.astype(operand), (0, 0)).astype(operand)
         norm_ref[i] = jnp.sum(phi_q.astype(jnp.float32) * w[:, None], axis=0)
 
     for_each_chunk(q_ref.shape[0], chunk, one_chunk)
@@ -120,14 +105,14 @@ def _grad_query_kernel(
         u, w = _output_cotangents(g_ref, o_ref, denominator_ref, rows)
         u_op = u.astype(operand)
         phi_k = feature_map(k_ref[rows, :].astype(jnp.float32)).astype(operand)
-        coupling = _causal(_dot(u_op, v_ref[rows, :], (1, 1)) + w[:, None]).astype(operand)
+        coupling = causal_in_chunk(chunk_dot(u_op, v_ref[rows, :], (1, 1)) + w[:, None]).astype(operand)
         norm = norm_ref[i].astype(operand).astype(jnp.float32)
         d_phi_q = (
-            _dot(coupling, phi_k, (1, 0))
-            + _dot(u_op, state_ref[i], (1, 1))
+            chunk_dot(coupling, phi_k, (1, 0))
+            + chunk_dot(u_op, state_ref[i], (1, 1))
             + w[:, None] * norm[None, :]
         )
-        dq = d_phi_q * _feature_map_slope(_scaled_query(q_ref, rows, scale))
+        dq = d_phi_q * _feature_map_slope(scaled_query(q_ref, rows, scale))
         if scale != 1.0:
             dq = dq * scale
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
@@ -154,7 +139,7 @@ def _grad_key_value_kernel(
 
     def one_chunk(i: Any) -> None:
         rows = pl.ds(i * chunk, chunk)
-        phi_q = feature_map(_scaled_query(q_ref, rows, scale)).astype(operand)
+        phi_q = feature_map(scaled_query(q_ref, rows, scale)).astype(operand)
         k = k_ref[rows, :].astype(jnp.float32)
         phi_k = feature_map(k).astype(operand)
         v = v_ref[rows, :]
@@ -162,12 +147,12 @@ def _grad_key_value_kernel(
         u_op = u.astype(operand)
         later_state = state_ref[i]
         # dV first, so its (C, C) weights are dead before the coupling matrix is formed.
-        weights = _causal(_dot(phi_q, phi_k, (1, 1))).astype(operand)
-        dv = _dot(weights, u_op, (0, 0)) + _dot(phi_k, later_state, (1, 0))
+        weights = causal_in_chunk(chunk_dot(phi_q, phi_k, (1, 1))).astype(operand)
+        dv = chunk_dot(weights, u_op, (0, 0)) + chunk_dot(phi_k, later_state, (1, 0))
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        coupling = _causal(_dot(u_op, v, (1, 1)) + w[:, None]).astype(operand)
+        coupling = causal_in_chunk(chunk_dot(u_op, v, (1, 1)) + w[:, None]).astype(operand)
         norm = norm_ref[i].astype(operand).astype(jnp.float32)
-        d_phi_k = _dot(coupling, phi_q, (0, 0)) + _dot(v, later_state, (1, 1)) + norm[None, :]
+        d_phi_k = chunk_dot(coupling, phi_q, (0, 0)) + chunk_dot(v, later_state, (1, 1)) + norm[None, :]
         dk_ref[rows, :] = (d_phi_k * _feature_map_slope(k)).astype(dk_ref.dtype)
 
     for_each_chunk(q_ref.shape[0], chunk, one_chunk)
