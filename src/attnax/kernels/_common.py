@@ -16,6 +16,7 @@ __all__ = [
     "check_dropout",
     "check_qkv",
     "cudnn_internals",
+    "cudnn_internals_have",
     "default_scale",
     "safe_normaliser",
     "safe_row_max",
@@ -36,6 +37,12 @@ except ImportError:  # pragma: no cover - depends on the JAX release
     cudnn_internals = None
 else:
     cudnn_internals = _cudnn_module
+
+
+def cudnn_internals_have(*names: str) -> bool:
+    """Whether this JAX's cuDNN module exists and has every one of ``names``."""
+    return cudnn_internals is not None and all(hasattr(cudnn_internals, n) for n in names)
+
 
 _LAYOUT_NAMES = {"bhtd": "(batch, heads, seq, head_dim)", "bthd": "(batch, seq, heads, head_dim)"}
 

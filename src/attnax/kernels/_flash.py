@@ -47,7 +47,14 @@ from .._typing import (
     ScoreMod,
     ValueArray,
 )
-from ._common import check_dropout, check_mask, check_qkv, cudnn_internals, default_scale
+from ._common import (
+    check_dropout,
+    check_mask,
+    check_qkv,
+    cudnn_internals,
+    cudnn_internals_have,
+    default_scale,
+)
 from ._memory_efficient import memory_efficient_attention
 from ._pallas_flash import pallas_flash_attention
 
@@ -172,10 +179,7 @@ def heads_major_cudnn_available() -> bool:
     memory: benchmarks/NOTES.md). JAX's own cuDNN module takes the layout as an argument; a
     JAX release without it keeps the transposes.
     """
-    cudnn = cudnn_internals
-    return (
-        cudnn is not None and hasattr(cudnn, "dot_product_attention") and hasattr(cudnn, "MaskType")
-    )
+    return cudnn_internals_have("dot_product_attention", "MaskType")
 
 
 def _call_dot_product_attention(

@@ -38,10 +38,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._common import cudnn_internals, merge_partials, rotate_ring, vary_like, varying_axes
-
-# Private JAX internals (see cudnn_pairs_available); None keeps the XLA-tile ring.
-_cudnn: Any = cudnn_internals
+from ._common import (
+    cudnn_internals,
+    cudnn_internals_have,
+    merge_partials,
+    rotate_ring,
+    vary_like,
+    varying_axes,
+)
 
 __all__ = ["PairImpl", "cudnn_pairs_available", "flash_ring"]
 
@@ -71,17 +75,16 @@ def cudnn_pairs_available() -> bool:
     for that, so the ring binds the primitive JAX's own cuDNN attention uses. When a JAX
     release moves it, this returns False and the ring keeps its XLA pair path.
     """
-    needed = (
+    return cudnn_internals_have(
         "dot_product_attention",
         "_dot_product_attention_bwd_p_wrapper",
         "MaskType",
         "AttentionLayout",
     )
-    return _cudnn is not None and all(hasattr(_cudnn, name) for name in needed)
 
 
 def _cudnn_forward(q: Array, k: Array, v: Array, *, causal: bool, scale: float) -> _PairOut:
-    cudnn = _cudnn
+    cudnn = cudnn_internals
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     out, lse = cudnn.dot_product_attention(
         q, k, v, scale=scale, mask_type=mask_type, qkv_layout="BNTH", return_residual=True
@@ -100,7 +103,7 @@ def _cudnn_backward(
     causal: bool,
     scale: float,
 ) -> tuple[Array, Array, Array]:
-    cudnn = _cudnn
+    cudnn = cudnn_internals
     mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
     unused = jnp.zeros((0,), q.dtype)
     grads = cudnn._dot_product_attention_bwd_p_wrapper.bind(
