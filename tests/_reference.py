@@ -4,13 +4,14 @@ The reference is written in NumPy, not with attnax's kernels: score mods (JAX ca
 evaluated under float64 (``jax.enable_x64``) on dense index grids, everything else is NumPy.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["random_qkv", "reference_attention", "relative_error"]
+__all__ = ["output_and_vjp", "random_qkv", "reference_attention", "relative_error"]
 
 
 def random_qkv(
@@ -79,3 +80,16 @@ def relative_error(actual: Any, expected: Any) -> float:
     if not np.all(np.isfinite(a)):
         return float("inf")
     return float(np.linalg.norm(a - e)) / max(float(np.linalg.norm(e)), 1e-30)
+
+
+def output_and_vjp(
+    fn: Callable[..., jax.Array], args: tuple[jax.Array, ...], cotangent: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """``fn(*args)`` and the gradients of <fn(*args), cotangent> w.r.t. every arg, in one jit."""
+
+    def run(*a: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        out, pullback = jax.vjp(fn, *a)
+        return out, pullback(cotangent.astype(out.dtype))
+
+    result: tuple[jax.Array, tuple[jax.Array, ...]] = jax.jit(run)(*args)
+    return result

@@ -25,22 +25,9 @@ from attnax.kernels._pallas_flash import (
     pallas_flash_attention,
 )
 from attnax.kernels._standard import standard_attention
-from tests._reference import random_qkv, reference_attention, relative_error
+from tests._reference import output_and_vjp, random_qkv, reference_attention, relative_error
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _grads(
-    fn: Callable[..., jax.Array], args: tuple[jax.Array, ...], cotangent: jax.Array
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """Output and the gradients of <fn(*args), cotangent> w.r.t. every arg, in one jit."""
-
-    def run(*a: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        out, pullback = jax.vjp(fn, *a)
-        return out, pullback(cotangent.astype(out.dtype))
-
-    result: tuple[jax.Array, tuple[jax.Array, ...]] = jax.jit(run)(*args)
-    return result
 
 
 def _check(
@@ -90,11 +77,11 @@ def _check(
         return standard_attention(*f32, mask=mask, score_mod=score_mod_of(*e), precision=HIGHEST)
 
     args = (query, key, value, *extra)
-    out, grads = _grads(kernel, args, cotangent)
+    out, grads = output_and_vjp(kernel, args, cotangent)
     assert out.dtype == query.dtype and out.shape == query.shape
     expected = reference_attention(query, key, value, mask=mask, score_mod=score_mod_of(*extra))
     assert relative_error(out, expected) < value_tol
-    _, expected_grads = _grads(reference, tuple(a.astype(jnp.float32) for a in args), cotangent)
+    _, expected_grads = output_and_vjp(reference, tuple(a.astype(jnp.float32) for a in args), cotangent)
     for name, got, want in zip(("query", "key", "value", "extra"), grads, expected_grads):
         assert got.shape == want.shape
         assert relative_error(got, want) < grad_tol, name
@@ -399,8 +386,8 @@ def _gpu_case(
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         return standard_attention(*f32, score_mod=score_mod, precision=HIGHEST)
 
-    out, grads = _grads(kernel, (query, key, value), cotangent)
-    want, want_grads = _grads(reference, (query, key, value), cotangent)
+    out, grads = output_and_vjp(kernel, (query, key, value), cotangent)
+    want, want_grads = output_and_vjp(reference, (query, key, value), cotangent)
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3
     assert relative_error(out, want) < tol
     for got, expected in zip(grads, want_grads, strict=True):

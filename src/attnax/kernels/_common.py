@@ -15,6 +15,7 @@ __all__ = [
     "apply_score_mods",
     "check_dropout",
     "check_qkv",
+    "cuda_compute_capability",
     "cudnn_internals",
     "cudnn_internals_have",
     "default_scale",
@@ -234,3 +235,16 @@ def vary_like(array: Array, axes: frozenset[Hashable]) -> Array:
         cast = pvary(array, missing)
         return cast
     return array
+
+
+def cuda_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the default device when it is an NVIDIA GPU, else None."""
+    if jax.default_backend() != "gpu":
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if not isinstance(capability, str):
+        return None
+    parts = capability.split(".")
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        return None  # not a CUDA capability string (for example a ROCm gfx name)
+    return int(parts[0]), int(parts[1])

@@ -51,6 +51,7 @@ from ._common import (
     check_dropout,
     check_mask,
     check_qkv,
+    cuda_compute_capability,
     cudnn_internals,
     cudnn_internals_have,
     default_scale,
@@ -78,19 +79,6 @@ class _CudnnPlan:
     is_causal: bool
     window_size: int | None  # causal sliding window: 0 <= q - kv < window_size
     biases: tuple[Array, ...]  # each broadcastable to (B, H, T, S)
-
-
-def cuda_compute_capability() -> tuple[int, int] | None:
-    """(major, minor) of the default device when it is an NVIDIA GPU, else None."""
-    if jax.default_backend() != "gpu":
-        return None
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    if not isinstance(capability, str):
-        return None
-    parts = capability.split(".")
-    if len(parts) != 2 or not all(part.isdigit() for part in parts):
-        return None  # not a CUDA capability string (for example a ROCm gfx name)
-    return int(parts[0]), int(parts[1])
 
 
 def _cudnn_mask(mask_mod: MaskMod | None) -> tuple[bool, int | None] | None:

@@ -13,12 +13,20 @@ into block classes (:func:`attnax._mods.block_sparsity`); query blocks only visi
 key blocks that holds an allowed pair, ``lax.switch`` skips empty tiles inside that range, and
 full tiles skip the mask evaluation. Grouped-query heads are handled by viewing the query as
 (B, Hk, G, T, D), never by repeating key/value heads.
+
+On an NVIDIA GPU the tiles above are XLA fusions that write every float32 score tile to memory
+and read it back three times, which caps them below XLA's own dense attention's speed times two
+(``benchmarks/NOTES.md``). There, for half-precision inputs without dropout and with built-in
+mods, the same loop runs with a fused tile: an XLA ``lax.scan`` over steps of ``block_size``
+keys, each step one Pallas kernel (PALLAS_FLASH's forward, reading and writing the float32
+running maximum, denominator and accumulator in place) and the FlashAttention-2 backward
+kernels given the saved log-sum-exp. ``implementation`` picks a path explicitly.
 """
 
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +54,12 @@ from ._common import (
     check_dropout,
     check_mask,
     check_qkv,
+    cuda_compute_capability,
     default_scale,
     vary_like,
     varying_axes,
 )
+from ._pallas_flash import flash_attention_with_config, kernel_can_tile, stepped_config
 
 __all__ = ["memory_efficient_attention"]
 
@@ -633,6 +643,42 @@ def _attention_jit(config: _Config, *operands: Any) -> jax.Array:
     return out
 
 
+# --------------------------------------------------------------------------- GPU path
+
+
+_HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _use_fused_tile(
+    implementation: Any, query: jax.Array, score_mod: Any, dropout_active: bool
+) -> bool:
+    """Whether the fused Pallas tile serves this call; ValueError if asked for and it cannot."""
+    if implementation not in (None, "xla", "pallas"):
+        raise ValueError(
+            f"{_NAME}: `implementation` must be None, 'xla' or 'pallas', got {implementation!r}."
+        )
+    if implementation == "xla":
+        return False
+    refusal = None
+    if cuda_compute_capability() is None:
+        refusal = "it runs on an NVIDIA GPU only"
+    elif dropout_active:
+        refusal = "the fused tile has no attention dropout"
+    elif not kernel_can_tile(score_mod):
+        refusal = (
+            "the score mod is not built from attnax's mods (a plain callable may capture "
+            "arrays, which a Pallas kernel cannot take)"
+        )
+    if implementation == "pallas":
+        if refusal is not None:
+            raise ValueError(
+                f"{_NAME}: implementation='pallas' cannot serve this call: {refusal}; use "
+                "implementation='xla' (or None to choose automatically)."
+            )
+        return True
+    return refusal is None and jnp.dtype(query.dtype) in _HALF_DTYPES
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -649,6 +695,7 @@ def memory_efficient_attention(
     deterministic: bool = True,
     block_size: int = 512,
     scale: float | None = None,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> AttentionOutput:
     r"""Softmax attention in O(T * D) memory, forward and backward.
 
@@ -682,6 +729,13 @@ def memory_efficient_attention(
         tile; otherwise the smallest tile that covers the sequence in the same number of
         tiles is used, and the sequence is padded internally (padded keys are excluded).
       scale: score scale, ``1 / sqrt(head_dim)`` by default.
+      implementation: ``"xla"`` runs the tiles as XLA loops (any backend, any mod, dropout).
+        ``"pallas"`` runs the fused GPU tile: an XLA scan over steps of ``block_size`` keys,
+        one Pallas kernel per step keeping the float32 softmax state in HBM between steps, and
+        Pallas FlashAttention-2 backward kernels; it needs an NVIDIA GPU, no dropout and a
+        score mod built from attnax's mods (plain callables may capture arrays, which a
+        kernel cannot take). ``None`` (default) picks ``"pallas"`` when those hold and the
+        inputs are bf16 or fp16, and ``"xla"`` otherwise (float32 keeps XLA's exact products).
 
     Returns:
       (batch, heads, seq_q, head_dim) in the query's dtype. Softmax statistics and
@@ -689,8 +743,9 @@ def memory_efficient_attention(
       zeros, with finite (zero) gradients.
 
     Raises:
-      ValueError: for shapes that do not fit together, bad dropout arguments or a
-        non-positive ``block_size``.
+      ValueError: for shapes that do not fit together, bad dropout arguments, a non-positive
+        ``block_size``, an unknown ``implementation``, or ``implementation="pallas"`` for a
+        call the fused tile cannot serve (the message says why).
 
     Example:
       >>> import jax, jax.numpy as jnp, attnax
@@ -708,6 +763,17 @@ def memory_efficient_attention(
     positive_int(block_size, "block_size", caller=_NAME)
     seq_q, head_dim = query.shape[2], query.shape[3]
     seq_kv = key.shape[2]
+    if _use_fused_tile(implementation, query, score_mod, dropout_active):
+        fused: AttentionOutput = flash_attention_with_config(
+            query,
+            key,
+            value,
+            config=stepped_config(head_dim, seq_kv, block_size),
+            mask=mask,
+            score_mod=score_mod,
+            scale=scale,
+        )
+        return fused
     mask_mod, value_mod = split_score_mod(score_mod)
     mask_leaves, mask_static = _partition(mask_mod)
     value_leaves, value_static = _partition(value_mod)

@@ -63,7 +63,7 @@ from .._typing import (
 )
 from ._common import check_dropout, check_mask, check_qkv, default_scale
 
-__all__ = ["FlashConfig", "default_config", "pallas_flash_attention"]
+__all__ = ["FlashConfig", "default_config", "pallas_flash_attention", "stepped_config"]
 
 _NAME = "pallas_flash_attention"
 _LOG2E = math.log2(math.e)
@@ -95,8 +95,17 @@ class FlashConfig:
     num_warps_bwd: int | None = 4
     num_stages_bwd: int = 2
     interpret: bool = False
+    # 0: one kernel walks every key block of a query block with its softmax state in
+    # registers (PALLAS_FLASH). n > 0: an XLA scan over steps of n key blocks, one kernel per
+    # step, with the float32 state (accumulator, maximum, denominator) in HBM between steps
+    # (memory_efficient_attention's GPU path: the tile is fused, the loop over key blocks is
+    # XLA's). The backward is the same either way.
+    key_step_blocks: int = 0
 
     def __post_init__(self) -> None:
+        steps = self.key_step_blocks
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{_NAME}: `key_step_blocks` must be an int >= 0, got {steps!r}.")
         for name in (
             "block_q",
             "block_kv",
@@ -136,6 +145,25 @@ def default_config(head_dim: int, block_q: int, block_kv: int, interpret: bool) 
             interpret=interpret,
         )
     return FlashConfig(block_q=block_q, block_kv=block_kv, interpret=interpret)
+
+
+def stepped_config(
+    head_dim: int,
+    seq_kv: int,
+    block_size: int,
+    *,
+    interpret: bool = False,
+    block_q: int = 128,
+    block_kv: int = 128,
+) -> FlashConfig:
+    """memory_efficient_attention's GPU configuration: steps of ``block_size`` keys.
+
+    The kernel tiles are PALLAS_FLASH's; a step holds ``block_size // tile`` key tiles (at
+    least one), so ``block_size`` keeps its meaning, the keys one XLA loop iteration visits.
+    """
+    config = default_config(head_dim, block_q, block_kv, interpret)
+    tile = _fit(config.block_kv, seq_kv)
+    return dataclasses.replace(config, key_step_blocks=max(1, block_size // tile))
 
 
 def _next_pow2(n: int) -> int:
@@ -409,6 +437,43 @@ def _reject_array_holder(mod: Any, what: str) -> None:
         )
 
 
+def kernel_can_tile(score_mod: Any) -> bool:
+    """Whether the kernels serve ``score_mod`` from built-in mods alone (no user callable).
+
+    A plain callable may close over arrays, which Pallas refuses only once it traces the
+    kernel; callers that must not fail (memory_efficient_attention's automatic GPU path) take
+    the kernel only when this holds.
+    """
+    mask_mod, value_mod = split_score_mod(score_mod)
+    return _builtin_mask(mask_mod) and _builtin_value(value_mod, shifted=False)
+
+
+def _builtin_mask(mod: Any) -> bool:
+    if mod is None or isinstance(
+        mod, (CausalMask, SlidingWindowMask, PrefixLMMask, DocumentMask)
+    ):
+        return True
+    if isinstance(mod, AndMask):
+        return all(_builtin_mask(part) for part in mod.mask_mods)
+    if isinstance(mod, OffsetMask):
+        return _builtin_mask(mod.mask_mod)
+    return False
+
+
+def _builtin_value(mod: Any, *, shifted: bool) -> bool:
+    if mod is None or isinstance(mod, (AlibiMod, SoftcapMod)):
+        return True
+    if isinstance(mod, AdditiveBiasMod):
+        return not shifted  # _Builder.value refuses a shifted bias
+    if isinstance(mod, _ValueChain):
+        return all(_builtin_value(part, shifted=shifted) for part in mod.score_mods)
+    if isinstance(mod, OffsetScoreMod):
+        return _builtin_value(mod.score_mod, shifted=True)
+    if isinstance(mod, MaskScoreMod):
+        return _builtin_mask(mod.mask_mod)
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """Everything the kernels need, built at trace time from the mods and the dense mask."""
@@ -605,6 +670,9 @@ class _Static:
     precision: Any
     # The forward steps through a row's full key blocks by arithmetic (listed_block).
     consecutive_full: bool = False
+    # The forward kernel reads and writes the running softmax state instead of starting from
+    # nothing and normalising (FlashConfig.key_step_blocks > 0).
+    stepped: bool = False
 
 
 # Read at trace time; benchmarks/pallas_flash.py turns it off to time the indexed loop.
@@ -659,7 +727,6 @@ def _forward_kernel(
 ) -> None:
     num_operands = len(plan.operands)
     operand_refs = refs[:num_operands]
-    o_ref, lse_ref = refs[num_operands:]
     q_block, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = static.block_q, static.block_kv
     q = q_ref[...]
@@ -703,21 +770,45 @@ def _forward_kernel(
         acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v, static.precision)
         return acc, m_next, l_next
 
-    carry = (
-        jnp.zeros((bq, head_dim), jnp.float32),
-        jnp.full((bq,), -jnp.inf, jnp.float32),
-        jnp.zeros((bq,), jnp.float32),
+    def walk(carry: Any) -> Any:
+        carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
+        return jax.lax.fori_loop(
+            n_partial, n_partial + n_full, functools.partial(step, masked=False), carry
+        )
+
+    if static.stepped:
+        acc_in, m_in, l_in, acc_ref, m_ref, l_ref = refs[num_operands:]
+
+        # The state buffers are aliased in place: a query block this step cannot see keeps
+        # its state without being read or written.
+        @pl.when(n_partial + n_full > 0)
+        def _() -> None:
+            acc, m, l = walk((acc_in[...], m_in[...], l_in[...]))
+            acc_ref[...] = acc
+            m_ref[...] = m
+            l_ref[...] = l
+
+        return
+
+    o_ref, lse_ref = refs[num_operands:]
+    acc, m, l = walk(
+        (
+            jnp.zeros((bq, head_dim), jnp.float32),
+            jnp.full((bq,), -jnp.inf, jnp.float32),
+            jnp.zeros((bq,), jnp.float32),
+        )
     )
-    carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
-    carry = jax.lax.fori_loop(
-        n_partial, n_partial + n_full, functools.partial(step, masked=False), carry
-    )
-    acc, m, l = carry
     nonempty = l > 0.0
     out = acc / jnp.where(nonempty, l, 1.0)[:, None]
     o_ref[...] = out.astype(o_ref.dtype)
     # log2-sum-exp; +inf for an empty row, so the backward's exp2(t - lse) is 0 there.
-    lse_ref[...] = jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), jnp.inf)
+    lse_ref[...] = finish_lse2(m, l)
+
+
+def finish_lse2(m: Any, l: Any) -> Any:
+    """log2-sum-exp from the running maximum (log2 units) and denominator; +inf if empty."""
+    nonempty = l > 0.0
+    return jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), jnp.inf)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -797,11 +888,12 @@ def _list_spec(indices: jax.Array, counts: jax.Array) -> tuple[pl.BlockSpec, pl.
 def forward(
     config: FlashConfig, prepared: _Prepared, scale: float
 ) -> tuple[jax.Array, jax.Array]:
-    """Run the forward kernel on prepared (padded) inputs; returns (out_padded, lse2_padded)."""
-    q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
-    batch, num_heads, padded_q, padded_d = q.shape
-    num_kv_heads, padded_kv = k.shape[1], k.shape[2]
-    group = num_heads // num_kv_heads
+    """Run the forward on prepared (padded) inputs; returns (out_padded, lse2_padded).
+
+    One kernel call, or with ``config.key_step_blocks`` an XLA scan of stepped calls.
+    """
+    q, plan = prepared.query, prepared.plan
+    batch, num_heads, padded_q, _ = q.shape
     bq = _fit(config.block_q, prepared.seq_q)
     bk = _fit(config.block_kv, prepared.seq_kv)
     classes = block_classes(
@@ -814,46 +906,100 @@ def forward(
         block_kv=bk,
         num_q_blocks=padded_q // bq,
     )
-    indices, counts = block_lists(classes)
     static = _Static(
         scale,
-        group,
+        num_heads // prepared.key.shape[1],
         bq,
         bk,
         matmul_precision(q.dtype),
         consecutive_full=CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan),
+        stepped=config.key_step_blocks > 0,
     )
+    if not static.stepped:
+        indices, counts = block_lists(classes)
+        out, lse = _forward_call(config, prepared, static, indices, counts, ())
+        return out, lse
+
+    # Steps of n key blocks: each step's list holds only its own blocks (global indices), so
+    # the kernel reads the keys it needs straight from the whole K/V, positions unshifted.
+    n = config.key_step_blocks
+    num_kv = classes.shape[-1]
+    num_steps = -(-num_kv // n)
+    classes = jnp.pad(classes, ((0, 0), (0, 0), (0, 0), (0, num_steps * n - num_kv)))
+    indices, counts = block_lists(classes.reshape(*classes.shape[:3], num_steps, n))
+    indices = indices + (jnp.arange(num_steps, dtype=jnp.int32) * n)[:, None]
+    head_dim = q.shape[-1]
+    state = (
+        jnp.zeros((batch, num_heads, padded_q, head_dim), jnp.float32),
+        jnp.full((batch, num_heads, padded_q), -jnp.inf, jnp.float32),
+        jnp.zeros((batch, num_heads, padded_q), jnp.float32),
+    )
+
+    def key_step(
+        state: tuple[jax.Array, jax.Array, jax.Array], lists: tuple[jax.Array, jax.Array]
+    ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], None]:
+        acc, m, l = _forward_call(config, prepared, static, lists[0], lists[1], state)
+        return (acc, m, l), None
+
+    lists = (jnp.moveaxis(indices, 3, 0), jnp.moveaxis(counts, 3, 0))
+    (acc, m, l), _ = jax.lax.scan(key_step, state, lists)
+    out = acc / jnp.where(l > 0.0, l, 1.0)[..., None]
+    return out.astype(q.dtype), finish_lse2(m, l)
+
+
+def _forward_call(
+    config: FlashConfig,
+    prepared: _Prepared,
+    static: _Static,
+    indices: jax.Array,
+    counts: jax.Array,
+    state: tuple[jax.Array, ...],
+) -> Any:
+    """One forward kernel call: (out, lse2), or the next (acc, m, l) when ``state`` is given."""
+    q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
+    batch, num_heads, padded_q, padded_d = q.shape
+    padded_kv = k.shape[2]
+    bq, group = static.block_q, static.group
     kernel = functools.partial(_forward_kernel, plan=plan, static=static)
     idx_spec, cnt_spec = _list_spec(indices, counts)
+    row_block = pl.BlockSpec((None, None, bq, padded_d), lambda i, b, h: (b, h, i, 0))
+    row_scalars = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
     in_specs = [
-        pl.BlockSpec((None, None, bq, padded_d), lambda i, b, h: (b, h, i, 0)),
+        row_block,
         pl.BlockSpec((None, None, padded_kv, padded_d), lambda i, b, h: (b, h // group, 0, 0)),
         pl.BlockSpec((None, None, padded_kv, padded_d), lambda i, b, h: (b, h // group, 0, 0)),
         idx_spec,
         cnt_spec,
         *_operand_specs(plan),
     ]
-    out_specs = [
-        pl.BlockSpec((None, None, bq, padded_d), lambda i, b, h: (b, h, i, 0)),
-        pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct(q.shape, q.dtype),  # type: ignore[no-untyped-call]
-        jax.ShapeDtypeStruct((batch, num_heads, padded_q), jnp.float32),  # type: ignore[no-untyped-call]
-    ]
-    out, lse = pl.pallas_call(
+    rows = jax.ShapeDtypeStruct((batch, num_heads, padded_q), jnp.float32)  # type: ignore[no-untyped-call]
+    if state:
+        first_state = len(in_specs)
+        in_specs += [row_block, row_scalars, row_scalars]
+        out_shape = [
+            jax.ShapeDtypeStruct(q.shape, jnp.float32),  # type: ignore[no-untyped-call]
+            rows,
+            rows,
+        ]
+        out_specs = [row_block, row_scalars, row_scalars]
+        aliases = {first_state + i: i for i in range(3)}
+    else:
+        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]  # type: ignore[no-untyped-call]
+        out_specs = [row_block, row_scalars]
+        aliases = {}
+    return pl.pallas_call(
         kernel,
         grid=(padded_q // bq, batch, num_heads),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=_compiler_params(
-            config.num_warps, config.num_stages, padded_d, tile=bq * bk
+            config.num_warps, config.num_stages, padded_d, tile=bq * static.block_kv
         ),
         interpret=config.interpret,
-        name="attnax_flash_forward",
-    )(q, k, v, indices, counts, *plan.operands)
-    return out, lse
+        name="attnax_flash_forward_step" if state else "attnax_flash_forward",
+    )(q, k, v, indices, counts, *plan.operands, *state)
 
 
 # --------------------------------------------------------------------------- custom_vjp

@@ -50,13 +50,14 @@ from ._common import (
     check_dropout,
     check_mask,
     check_qkv,
+    cuda_compute_capability,
     default_scale,
     merge_partials,
     rotate_ring,
     safe_normaliser,
     vary_like,
 )
-from ._flash import cuda_compute_capability, cudnn_plan
+from ._flash import cudnn_plan
 from ._memory_efficient import memory_efficient_attention
 from ._ring_flash import cudnn_pairs_available, flash_ring
 from ._standard import standard_attention
