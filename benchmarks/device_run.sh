@@ -224,6 +224,23 @@ flex)
   timeout 330 python3 benchmarks/pallas_flash.py --fwd-sweep --budget 290 >"$OUT/pallas_flash.log" 2>&1
   timeout 220 python3 benchmarks/torch_peers.py 190 >"$OUT/torch_peers.log" 2>&1
   ;;
+memeff)
+  # Fifth session, call 1: MEMORY_EFFICIENT's fused GPU tile. Its tests (fused file and the
+  # XLA-path file, whose bf16 cases now take the fused tile on a GPU), the block probe beside
+  # XLA and PALLAS_FLASH, then the prefill table.
+  timeout 110 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/test_memory_efficient_fused.py --timeout 100 -rf >"$OUT/memeff_tests.log" 2>&1
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_memory_efficient.py -k "bfloat16 or vmap or shard_map" --timeout 50 -rf >>"$OUT/memeff_tests.log" 2>&1
+  timeout 110 python3 benchmarks/memeff_blocks.py >"$OUT/memeff_blocks.log" 2>&1
+  timeout 260 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1
+  ;;
+memeff2)
+  # Fifth session, call 2: every GPU test but PALLAS_FLASH's (the layer's MEMORY_EFFICIENT and
+  # the ring's local path now take the fused tile for bf16), FLASH against raw cuDNN with
+  # interleaved samples, and a PALLAS_FLASH backward tile sweep.
+  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/gpu_tests.log" 2>&1
+  timeout 100 python3 benchmarks/prefill.py --paired-only --paired 20 >"$OUT/prefill_paired.log" 2>&1
+  timeout 190 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep --no-peers --tag bwdsweep --budget 175 >"$OUT/pallas_flash_bwdsweep.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1

@@ -1,53 +1,95 @@
-"""MEMORY_EFFICIENT block-size probe beside XLA on one config (B1 S16384 H16 D128 bf16 causal).
+"""MEMORY_EFFICIENT block-size probe beside XLA, B1 S16384 H16 D128 bf16, causal and full, fwd.
 
-Writes $OUT/memeff_blocks.json; prints a table. Same process, same card for every row.
+Both paths of ``memory_efficient_attention``: the fused GPU tile (an XLA scan over steps of
+``block_size`` keys, one stepped Pallas kernel per step) and the XLA tiles
+(``implementation="xla"``), beside XLA's dense attention and PALLAS_FLASH (the same kernel in
+one step) in the same process on the same card. Timer: two warm-up calls, then samples of 10
+calls dispatched back to back; median over 10 samples.
+
+Writes $OUT/memeff_blocks.json; prints a table.
 """
 
 import json
 import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attnax import causal_mod, memory_efficient_attention
+from attnax import causal_mod, memory_efficient_attention, pallas_flash_attention
 
 OUT = os.environ.get("OUT", "benchmarks/results")
-B, H, S, D = 1, 16, 16384, 128
+SMOKE = "--smoke" in sys.argv
+B, H, S, D = (1, 2, 512, 32) if SMOKE else (1, 16, 16384, 128)
+CALLS, SAMPLES = (2, 3) if SMOKE else (10, 10)
 keys = jax.random.split(jax.random.key(0), 3)
 q, k, v = (jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in keys)
-flops = 4 * B * H * S * S * D / 2
-rows = []
+rows: list[dict[str, Any]] = []
 
 
-def timed(fn):  # type: ignore[no-untyped-def]
-    jax.block_until_ready(fn(q, k, v))
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
+def timed(fn: Callable[..., Any]) -> float:
+    for _ in range(2):
         jax.block_until_ready(fn(q, k, v))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    samples = []
+    for _ in range(SAMPLES):
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            out = fn(q, k, v)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / CALLS)
+    return statistics.median(samples) * 1e3
 
 
-def xla(q, k, v):  # type: ignore[no-untyped-def]
-    t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation="xla"))
+def impls(causal: bool) -> dict[str, Callable[..., Any]]:
+    mod = causal_mod() if causal else None
+
+    def xla(q: Any, k: Any, v: Any) -> Any:
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+        return jnp.swapaxes(out, 1, 2)
+
+    table: dict[str, Callable[..., Any]] = {"xla": jax.jit(xla)}
+    for block in (512, 4096):
+        table[f"memeff xla tiles {block}"] = jax.jit(
+            lambda q, k, v, block=block: memory_efficient_attention(
+                q, k, v, score_mod=mod, block_size=block, implementation="xla"
+            )
+        )
+    for block in (128, 256, 512, 1024, 2048, 4096, S):
+        table[f"memeff fused {block}"] = jax.jit(
+            lambda q, k, v, block=block: memory_efficient_attention(
+                q, k, v, score_mod=mod, block_size=block
+            )
+        )
+    table["pallas_flash"] = jax.jit(lambda q, k, v: pallas_flash_attention(q, k, v, score_mod=mod))
+    return table
 
 
-impls = {"xla": jax.jit(xla)}
-for block in (256, 512, 1024, 2048, 4096):
-    impls[f"memeff block {block}"] = jax.jit(
-        lambda q, k, v, block=block: memory_efficient_attention(q, k, v, score_mod=causal_mod(), block_size=block)
-    )
-for name, fn in impls.items():
-    try:
-        ms = timed(fn)
-        rows.append(dict(impl=name, ms=ms, tflops=flops / ms / 1e9))
-        print(f"{name:22s} {ms:9.3f} ms {flops / ms / 1e9:7.1f} TF/s", flush=True)
-    except Exception as error:  # a probe records failures and goes on
-        rows.append(dict(impl=name, error=str(error).splitlines()[0][:200]))
-        print(name, "FAILED", str(error).splitlines()[0][:200], flush=True)
+device = jax.devices()[0]
+print(f"device: {device.device_kind}, jax {jax.__version__}", flush=True)
+for causal in (True, False):
+    flops = 4 * B * H * S * S * D / (2 if causal else 1)
+    xla_ms = None
+    for name, fn in impls(causal).items():
+        row: dict[str, Any] = {"impl": name, "causal": causal}
+        try:
+            ms = timed(fn)
+            xla_ms = ms if name == "xla" else xla_ms
+            row.update(ms=ms, tflops=flops / ms / 1e9)
+            if xla_ms is not None:
+                row["xla_over_time"] = xla_ms / ms
+            ratio = row.get("xla_over_time", float("nan"))
+            print(f"{'causal' if causal else 'full':6s} {name:24s} {ms:9.3f} ms "
+                  f"{flops / ms / 1e9:7.1f} TF/s  xla/this {ratio:5.2f}", flush=True)
+        except Exception as error:  # noqa: BLE001 - a probe records failures and goes on
+            row["error"] = str(error).splitlines()[0][:200]
+            print(name, "FAILED", row["error"], flush=True)
+        rows.append(row)
 with open(os.path.join(OUT, "memeff_blocks.json"), "w") as fh:
-    json.dump({"device": jax.devices()[0].device_kind, "config": "B1 S16384 H16 D128 bf16 causal fwd", "rows": rows}, fh, indent=1)
+    config = f"B{B} S{S} H{H} D{D} bf16 fwd"
+    json.dump({"device": device.device_kind, "jax": jax.__version__, "config": config,
+               "calls_per_sample": CALLS, "samples": SAMPLES, "rows": rows}, fh, indent=1)

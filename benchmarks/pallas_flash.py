@@ -8,7 +8,8 @@ back-to-back calls, after warm-up. Relative error of each forward against cuDNN 
 
 Usage (on the device)::
 
-    python benchmarks/pallas_flash.py [--sweep] [--fwd-sweep] [--skip-table] [--only NAME,...]
+    python benchmarks/pallas_flash.py [--sweep] [--fwd-sweep] [--bwd-sweep] [--skip-table]
+        [--only NAME,...]
         [--budget SECONDS]
 
 Writes ``$OUT/pallas_flash_h100.json`` (``OUT`` defaults to ``benchmarks/results``).
@@ -212,6 +213,40 @@ def run_config(
             row["relerr_vs_cudnn"] = float(f"{float(err):.2e}")
 
 
+def _fwd_tag(flash: FlashConfig) -> str:
+    return f"fwd {flash.block_q}x{flash.block_kv} w{flash.num_warps} s{flash.num_stages}"
+
+
+def _bwd_tag(flash: FlashConfig) -> str:
+    return (
+        f"dkv{flash.block_q_dkv}x{flash.block_kv_dkv} dq{flash.block_q_dq}x"
+        f"{flash.block_kv_dq} w{flash.num_warps_bwd} s{flash.num_stages_bwd}"
+    )
+
+
+def run_variants(
+    cfgs: list[dict[str, Any]],
+    variants: list[FlashConfig],
+    fwd_tag: Callable[[FlashConfig], str] | None,
+    bwd_tag: Callable[[FlashConfig], str] | None,
+    budget: float,
+    backward: bool,
+) -> None:
+    """Each config with each FlashConfig (no peers); rows named by the knobs that vary."""
+    for cfg in cfgs:
+        for flash in variants:
+            if time.perf_counter() - START > budget:
+                return
+            parts = [tag(flash) for tag in (fwd_tag, bwd_tag) if tag is not None]
+            tag = "sweep " + " ".join(parts)
+            print(tag, flush=True)
+            before = len(rows)
+            run_config(cfg, flash, peers=False, budget=budget, backward=backward)
+            for row in rows[before:]:
+                row["impl"] = tag
+                row["tag"] = "sweep"
+
+
 def sweep(budget: float) -> None:
     """Tile/warp/stage variants on two configs (forward and forward+backward)."""
     variants = [
@@ -221,21 +256,7 @@ def sweep(budget: float) -> None:
         FlashConfig(block_q_dkv=64, block_kv_dkv=128, block_q_dq=128, block_kv_dq=64),
         FlashConfig(num_warps=8, num_stages=3),
     ]
-    for cfg in [config_list()[0]]:
-        for flash in variants:
-            if time.perf_counter() - START > budget:
-                return
-            tag = (
-                f"sweep fwd{flash.block_q}x{flash.block_kv} w{flash.num_warps} s{flash.num_stages}"
-                f" dkv{flash.block_q_dkv}x{flash.block_kv_dkv} dq{flash.block_q_dq}x"
-                f"{flash.block_kv_dq} w{flash.num_warps_bwd} s{flash.num_stages_bwd}"
-            )
-            print(tag, flush=True)
-            before = len(rows)
-            run_config(cfg, flash, peers=False, budget=budget)
-            for row in rows[before:]:
-                row["impl"] = tag
-                row["tag"] = "sweep"
+    run_variants([config_list()[0]], variants, _fwd_tag, _bwd_tag, budget, backward=True)
 
 
 def forward_sweep(budget: float) -> None:
@@ -251,22 +272,35 @@ def forward_sweep(budget: float) -> None:
         FlashConfig(block_kv=32, num_warps=4, num_stages=4),
     ]
     chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 causal")]
-    for cfg in chosen:
-        for flash in variants:
-            if time.perf_counter() - START > budget:
-                return
-            tag = f"fwd sweep {flash.block_q}x{flash.block_kv} w{flash.num_warps} s{flash.num_stages}"
-            before = len(rows)
-            run_config(cfg, flash, peers=False, budget=budget, backward=False)
-            for row in rows[before:]:
-                row["impl"] = tag
-                row["tag"] = "sweep"
+    run_variants(chosen, variants, _fwd_tag, None, budget, backward=False)
+
+
+def backward_sweep(budget: float) -> None:
+    """Backward tile/warp/stage variants (forward 128 x 64) on the forward+backward gaps to Flex.
+
+    Flex's own H100 choice at head_dim 128 is 64 x 128 dK/dV and 128 x 64 dQ tiles with 8 warps
+    and 3 stages; ours is 64 x 64 with 4 warps and 2 stages (chosen in run 1, before the
+    back-to-back timer and the consecutive full blocks).
+    """
+    base = dict(block_kv=64)
+    variants = [
+        FlashConfig(**base),
+        FlashConfig(**base, num_stages_bwd=3),
+        FlashConfig(**base, num_warps_bwd=8),
+        FlashConfig(**base, block_kv_dkv=128, block_q_dq=128, num_warps_bwd=8),
+        FlashConfig(**base, block_kv_dkv=128, block_q_dq=128, num_warps_bwd=8, num_stages_bwd=3),
+        FlashConfig(**base, block_kv_dkv=128, block_q_dq=128, num_warps_bwd=4),
+        FlashConfig(**base, block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=4),
+    ]
+    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 4docs")]
+    run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--fwd-sweep", action="store_true")
+    parser.add_argument("--bwd-sweep", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
@@ -290,6 +324,8 @@ def main() -> None:
         forward_sweep(args.budget)
     if args.sweep:
         sweep(args.budget)
+    if args.bwd_sweep:
+        backward_sweep(args.budget)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:

@@ -7,7 +7,9 @@ forward+backward, for
 * ``flash``: attnax ``flash_attention`` on (B, H, T, D) inputs (transposes around cuDNN),
 * ``cudnn``: raw ``jax.nn.dot_product_attention(implementation="cudnn")``, (B, T, H, D),
 * ``xla``: raw ``jax.nn.dot_product_attention(implementation="xla")`` (S <= --xla-max-seq),
-* ``memeff``: attnax ``memory_efficient_attention`` (B, H, T, D);
+* ``memeff``: attnax ``memory_efficient_attention`` (B, H, T, D), its default path (on an
+  NVIDIA GPU for bf16: the fused tile, an XLA scan of stepped Pallas kernels),
+* ``memeff_xla``: the same with ``implementation="xla"`` (XLA tiles);
 
 plus GQA 32/8 and a causal 1024-token sliding window (FLASH against raw cuDNN),
 ``memeff`` at S=131072 (B1, 16 heads; XLA is tried there too and its out-of-memory error is
@@ -89,6 +91,13 @@ def make_impl(name: str, causal: bool, window: int | None) -> tuple[Callable[...
         return raw, "bthd"
     if name == "memeff":
         return lambda q, k, v: memory_efficient_attention(q, k, v, score_mod=score_mod), "bhtd"
+    if name == "memeff_xla":
+        return (
+            lambda q, k, v: memory_efficient_attention(
+                q, k, v, score_mod=score_mod, implementation="xla"
+            ),
+            "bhtd",
+        )
     if name == "linear":
         from attnax.kernels._linear import linear_attention
 
@@ -242,6 +251,62 @@ def bench(
     ROWS.append(row)
 
 
+PAIRED: list[dict[str, Any]] = []
+
+
+def paired(run: dict[str, Any], args: argparse.Namespace, samples: int) -> None:
+    """FLASH's layer path against raw cuDNN with their samples interleaved (A B A B ...).
+
+    The two are the same cuDNN call, and sequential medians of ~1 ms calls drift by a few
+    percent between configs' runs (clocks, temperature); a ratio of adjacent samples cancels
+    that drift. Records the median and the spread of the per-pair ratios.
+    """
+    dims = (run["batch"], run["heads"], run["kv_heads"], run["seq"], run["dim"])
+    entry: dict[str, Any] = {
+        k: run[k] for k in ("group", "batch", "seq", "heads", "kv_heads", "causal", "window", "mode")
+    }
+    try:
+        steps = [build(make_impl(name, run["causal"], run["window"])[0], run["mode"]) for name in ("cudnn", "flash_bthd")]
+        inputs = _sync(make_inputs(2, "bthd", *dims))
+        for step in steps:
+            _sync(step(*inputs))
+            _sync(step(*inputs))
+        calls = 3 if args.smoke else 10
+        ratios_seen: list[float] = []
+        for _ in range(samples):
+            elapsed = []
+            for step in steps:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    result = step(*inputs)
+                _sync(result)
+                elapsed.append(time.perf_counter() - start)
+            ratios_seen.append(elapsed[1] / elapsed[0])
+        ordered = sorted(ratios_seen)
+        entry.update(
+            flash_bthd_over_cudnn_time=statistics.median(ratios_seen),
+            quartiles=[ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]],
+            samples=samples,
+            calls_per_sample=calls,
+        )
+        print(
+            f"paired   {entry['group']:8s} B{run['batch']} S{run['seq']} "
+            f"{'w' + str(run['window']) if run['window'] else ('causal' if run['causal'] else 'full'):7s} "
+            f"{run['mode']:7s} flash_bthd/cudnn {entry['flash_bthd_over_cudnn_time']:.3f} "
+            f"(quartiles {entry['quartiles'][0]:.3f}-{entry['quartiles'][1]:.3f})",
+            flush=True,
+        )
+    except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+        entry["error"] = (type(error).__name__ + ": " + str(error)).splitlines()[0][:400]
+        print(f"paired   {entry} FAILED", flush=True)
+    PAIRED.append(entry)
+
+
+def flash_configs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per FLASH config of the plan (the ones with a flash_bthd row)."""
+    return [run for run in runs if run["impl"] == "flash_bthd" and run["group"] != "linear"]
+
+
 # --------------------------------------------------------------------------- plan
 
 
@@ -253,7 +318,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     # cuDNN first in every group: it is the reference for the errors.
     for batch, seq in shapes:
         for causal in (True, False):
-            impls = ["cudnn", "flash_bthd", "flash", "memeff"]
+            impls = ["cudnn", "flash_bthd", "flash", "memeff", "memeff_xla"]
             if seq <= args.xla_max_seq:
                 impls.append("xla")
             for mode in modes:
@@ -324,7 +389,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
             )
     huge = 512 if args.smoke else args.long_seq
-    for impl in ("cudnn", "memeff", "xla"):
+    for impl in ("cudnn", "memeff", "memeff_xla", "xla"):
         runs.append(
             {
                 "group": "long",
@@ -354,7 +419,10 @@ def _median(group: str, impl: str, match: dict[str, Any]) -> float | None:
 
 
 def ratios() -> list[dict[str, Any]]:
-    """Time ratios per config: FLASH/cuDNN (target <= 1.03), XLA/MEMEFF (>= 2), FLASH/LINEAR (>= 4)."""
+    """Time ratios per config: FLASH/cuDNN (target <= 1.03), XLA/MEMEFF (>= 2), FLASH/LINEAR (>= 4).
+
+    XLA/MEMEFF is given for both MEMORY_EFFICIENT paths (``memeff`` default, ``memeff_xla``).
+    """
     out: list[dict[str, Any]] = []
     keys = ("batch", "seq", "heads", "kv_heads", "causal", "window", "mode")
     seen: set[tuple[Any, ...]] = set()
@@ -371,9 +439,11 @@ def ratios() -> list[dict[str, Any]]:
             mine = _median(group, impl, config)
             if mine is not None and cudnn is not None:
                 entry[f"{impl}_over_cudnn_time"] = mine / cudnn
-        xla, memeff = _median(group, "xla", config), _median(group, "memeff", config)
-        if xla is not None and memeff is not None:
-            entry["xla_over_memeff_time"] = xla / memeff
+        xla = _median(group, "xla", config)
+        for impl in ("memeff", "memeff_xla"):
+            mine = _median(group, impl, config)
+            if xla is not None and mine is not None:
+                entry[f"xla_over_{impl}_time"] = xla / mine
         flash, linear = _median(group, "flash_bthd", config), _median(group, "linear", config)
         if flash is not None and linear is not None:
             entry["flash_over_linear_time"] = flash / linear
@@ -413,12 +483,23 @@ def main() -> None:
     parser.add_argument("--long-seq", type=int, default=131072)
     parser.add_argument("--long-heads", type=int, default=16)
     parser.add_argument("--verbose", action="store_true", help="print tracebacks")
+    parser.add_argument(
+        "--paired", type=int, default=20, help="interleaved FLASH/cuDNN samples per config (0: none)"
+    )
+    parser.add_argument(
+        "--paired-only", action="store_true", help="only the interleaved FLASH/cuDNN pass"
+    )
     args = parser.parse_args()
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", flush=True)
     reference: dict[tuple[Any, ...], Any] = {}
-    for run in plan(args):
-        bench(**run, args=args, reference=reference)
+    runs = plan(args)
+    if not args.paired_only:
+        for run in runs:
+            bench(**run, args=args, reference=reference)
+    if args.paired:
+        for run in flash_configs(runs):
+            paired(run, args, args.paired)
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
     result = {
@@ -432,8 +513,9 @@ def main() -> None:
         "wall_seconds": time.perf_counter() - START,
         "rows": ROWS,
         "ratios": ratios(),
+        "paired_flash_over_cudnn": PAIRED,
     }
-    path = os.path.join(out_dir, "prefill.json")
+    path = os.path.join(out_dir, "prefill_paired.json" if args.paired_only else "prefill.json")
     with open(path, "w") as handle:
         json.dump(result, handle, indent=1)
     print(f"\nwrote {path} in {result['wall_seconds']:.0f} s\n")
