@@ -241,6 +241,14 @@ memeff2)
   timeout 100 python3 benchmarks/prefill.py --paired-only --paired 20 >"$OUT/prefill_paired.log" 2>&1
   timeout 190 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep --no-peers --tag bwdsweep --budget 175 >"$OUT/pallas_flash_bwdsweep.log" 2>&1
   ;;
+arith)
+  # Fifth session, call 3: PALLAS_FLASH's forward arithmetic (scale folded into exp2, lazy
+  # rescale) on and off in one process, then the whole table with the new defaults, and
+  # torch's FlexAttention on the same card.
+  timeout 130 python3 benchmarks/pallas_flash.py --skip-table --arith-sweep --no-peers --tag arith --budget 115 >"$OUT/pallas_flash_arith.log" 2>&1
+  timeout 185 python3 benchmarks/pallas_flash.py --no-peers --tag lazy --budget 165 >"$OUT/pallas_flash_kv128.log" 2>&1
+  timeout 170 python3 benchmarks/torch_peers.py 150 >"$OUT/torch_peers.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1
