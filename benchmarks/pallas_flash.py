@@ -9,7 +9,7 @@ back-to-back calls, after warm-up. Relative error of each forward against cuDNN 
 Usage (on the device)::
 
     python benchmarks/pallas_flash.py [--sweep] [--fwd-sweep] [--bwd-sweep] [--skip-table]
-        [--arith-sweep] [--only NAME,...]
+        [--only NAME,...]
         [--budget SECONDS]
 
 Writes ``$OUT/pallas_flash_h100.json`` (``OUT`` defaults to ``benchmarks/results``).
@@ -296,29 +296,11 @@ def backward_sweep(budget: float) -> None:
     run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
 
 
-def arithmetic_sweep(budget: float) -> None:
-    """The forward's softmax arithmetic (FlashConfig.scale_in_exp, .lazy_rescale) on and off,
-    with 128 x 128 and 128 x 64 tiles, forward only, on a dense, a causal and an ALiBi config."""
-    variants = [
-        FlashConfig(block_kv=block_kv, scale_in_exp=fold, lazy_rescale=lazy)
-        for block_kv in (128, 64)
-        for fold, lazy in ((False, False), (True, False), (False, True), (True, True))
-    ]
-    names = ("B4 S4096 full", "B1 S16384 causal", "B4 S4096 alibi+causal")
-    chosen = [c for c in config_list() if c["name"] in names]
-
-    def tag(flash: FlashConfig) -> str:
-        return f"{_fwd_tag(flash)} fold{int(flash.scale_in_exp)} lazy{int(flash.lazy_rescale)}"
-
-    run_variants(chosen, variants, tag, None, budget, backward=False)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--fwd-sweep", action="store_true")
     parser.add_argument("--bwd-sweep", action="store_true")
-    parser.add_argument("--arith-sweep", action="store_true")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
@@ -344,8 +326,6 @@ def main() -> None:
         sweep(args.budget)
     if args.bwd_sweep:
         backward_sweep(args.budget)
-    if args.arith_sweep:
-        arithmetic_sweep(args.budget)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:

@@ -101,14 +101,6 @@ class FlashConfig:
     # (memory_efficient_attention's GPU path: the tile is fused, the loop over key blocks is
     # XLA's). The backward is the same either way.
     key_step_blocks: int = 0
-    # Forward softmax arithmetic (benchmarks/NOTES.md, fifth session). scale_in_exp: without a
-    # value mod, take the row maximum of the raw scores and fold the scale into exp2's argument
-    # (one FMA per score instead of a multiply and a subtract). lazy_rescale: move a row's
-    # reference maximum (and rescale the accumulator) only when some row's maximum grew by more
-    # than 2^8, as FlashAttention-4 does: exact, since the accumulator and the denominator
-    # share the stale maximum, and probabilities stay below 256.
-    scale_in_exp: bool = True
-    lazy_rescale: bool = True
 
     def __post_init__(self) -> None:
         steps = self.key_step_blocks
@@ -681,12 +673,6 @@ class _Static:
     # The forward kernel reads and writes the running softmax state instead of starting from
     # nothing and normalising (FlashConfig.key_step_blocks > 0).
     stepped: bool = False
-    scale_in_exp: bool = False  # FlashConfig.scale_in_exp, for a positive scale
-    lazy_rescale: bool = False  # FlashConfig.lazy_rescale
-
-
-# log2 of how far a row's maximum may outgrow the reference maximum before the forward rescales.
-_RESCALE_THRESHOLD = 8.0
 
 
 # Read at trace time; benchmarks/pallas_flash.py turns it off to time the indexed loop.
@@ -767,50 +753,22 @@ def _forward_kernel(
             block_kv=bk,
         )
         raw = dot_nt(q, k, static.precision)
-        # t = factor * s are the scores in log2 units; factor is folded into exp2's argument.
-        factor = None
-        if plan.value_fn is None and static.scale_in_exp:
-            s, factor = raw, static.scale * _LOG2E
-        elif plan.value_fn is None:
-            s = raw * (static.scale * _LOG2E)
+        if plan.value_fn is None:
+            t = raw * (static.scale * _LOG2E)
         else:
-            s = plan.modded(raw * static.scale, tile, plan.load_biases(tile)) * _LOG2E
+            t = plan.modded(raw * static.scale, tile, plan.load_biases(tile)) * _LOG2E
         if masked:
             allowed = plan.allowed(tile)
             if allowed is not None:
-                s = jnp.where(allowed, s, -jnp.inf)
-        row_max = jnp.max(s, axis=1)
-        m_next = jnp.maximum(m_prev, row_max if factor is None else row_max * factor)
-
-        def shifted(m: Any) -> Any:
-            # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0.
-            m_safe = jnp.where(m == -jnp.inf, 0.0, m)[:, None]
-            return s - m_safe if factor is None else s * factor - m_safe
-
-        if not static.lazy_rescale:
-            alpha = jnp.exp2(m_prev - jnp.where(m_next == -jnp.inf, 0.0, m_next))
-            p = jnp.exp2(shifted(m_next))
-            l_next = alpha * l_prev + jnp.sum(p, axis=1)
-            acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v, static.precision)
-            return acc, m_next, l_next
-
-        growth = jnp.where(m_next == -jnp.inf, 0.0, m_next - m_prev)  # +inf at a first key
-
-        def rescale(state: Any) -> Any:
-            acc, l_prev = state
-            alpha = jnp.exp2(m_prev - jnp.where(m_next == -jnp.inf, 0.0, m_next))
-            return m_next, alpha[:, None] * acc, alpha * l_prev
-
-        m_ref, acc, l_prev = jax.lax.cond(
-            jnp.max(growth) > _RESCALE_THRESHOLD,
-            rescale,
-            lambda state: (m_prev, *state),
-            (acc, l_prev),
-        )
-        p = jnp.exp2(shifted(m_ref))
-        l_next = l_prev + jnp.sum(p, axis=1)
-        acc = acc + dot_nn(p.astype(v.dtype), v, static.precision)
-        return acc, m_ref, l_next
+                t = jnp.where(allowed, t, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(t, axis=1))
+        # A row with nothing allowed so far keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        alpha = jnp.exp2(m_prev - m_safe)
+        p = jnp.exp2(t - m_safe[:, None])
+        l_next = alpha * l_prev + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v, static.precision)
+        return acc, m_next, l_next
 
     def walk(carry: Any) -> Any:
         carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
@@ -956,8 +914,6 @@ def forward(
         matmul_precision(q.dtype),
         consecutive_full=CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan),
         stepped=config.key_step_blocks > 0,
-        scale_in_exp=config.scale_in_exp and scale > 0,
-        lazy_rescale=config.lazy_rescale,
     )
     if not static.stepped:
         indices, counts = block_lists(classes)
