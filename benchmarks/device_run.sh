@@ -249,6 +249,11 @@ arith)
   timeout 185 python3 benchmarks/pallas_flash.py --no-peers --tag lazy --budget 165 >"$OUT/pallas_flash_kv128.log" 2>&1
   timeout 170 python3 benchmarks/torch_peers.py 150 >"$OUT/torch_peers.log" 2>&1
   ;;
+pftests)
+  # Fifth session, call 4: PALLAS_FLASH's GPU tests on the final kernel (its forward() now also
+  # serves MEMORY_EFFICIENT's stepped calls).
+  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 250 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1
