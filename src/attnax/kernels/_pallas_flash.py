@@ -13,6 +13,10 @@ Structure (kept open to a second, Mosaic-GPU lowering; see ``benchmarks/NOTES.md
   loaded. The value mod is traced into the loop with absolute indices (``b``, ``h`` scalars
   from the program ids, ``q_idx`` (bq, 1), ``kv_idx`` (1, bk)); softmax runs online in float32
   in base 2 (scores are multiplied by log2(e) after the mod, so mods see natural-unit scores).
+* **Stepped forward** (``FlashConfig.key_step_blocks``, memory_efficient_attention's GPU path):
+  an XLA ``lax.scan`` over steps of a few key blocks; each step's block lists hold only its
+  own blocks, and the kernel reads and writes the float32 running state (accumulator, maximum,
+  denominator) in aliased HBM buffers instead of keeping it in registers for the whole walk.
 * **Backward** (``_pallas_flash_vjp``): a dK/dV kernel per key block (looping over the query
   heads of its GQA group and their query blocks) and a dQ kernel per query block, recomputing
   probabilities from the saved log-sum-exp; the value mod is differentiated inside the kernel
@@ -798,15 +802,16 @@ def _forward_kernel(
             jnp.zeros((bq,), jnp.float32),
         )
     )
-    nonempty = l > 0.0
-    out = acc / jnp.where(nonempty, l, 1.0)[:, None]
+    out = acc / jnp.where(l > 0.0, l, 1.0)[:, None]
     o_ref[...] = out.astype(o_ref.dtype)
-    # log2-sum-exp; +inf for an empty row, so the backward's exp2(t - lse) is 0 there.
     lse_ref[...] = finish_lse2(m, l)
 
 
 def finish_lse2(m: Any, l: Any) -> Any:
-    """log2-sum-exp from the running maximum (log2 units) and denominator; +inf if empty."""
+    """log2-sum-exp from the running maximum (log2 units) and denominator.
+
+    +inf for an empty row, so the backward's exp2(t - lse) is 0 there.
+    """
     nonempty = l > 0.0
     return jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), jnp.inf)
 
