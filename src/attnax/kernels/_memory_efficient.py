@@ -736,6 +736,9 @@ def memory_efficient_attention(
         score mod built from attnax's mods (plain callables may capture arrays, which a
         kernel cannot take). ``None`` (default) picks ``"pallas"`` when those hold and the
         inputs are bf16 or fp16, and ``"xla"`` otherwise (float32 keeps XLA's exact products).
+        A Pallas kernel has no partitioning rule, so ``jit``'s automatic sharding does not
+        split it over devices as it splits the XLA tiles: call it inside ``shard_map`` for
+        data or tensor parallelism, or pass ``"xla"``.
 
     Returns:
       (batch, heads, seq_q, head_dim) in the query's dtype. Softmax statistics and
