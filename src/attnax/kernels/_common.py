@@ -1,5 +1,6 @@
 """Pieces every softmax kernel shares: argument checks, scale, masked scores, safe softmax."""
 
+import inspect
 import math
 from collections.abc import Hashable
 from typing import Any, Literal
@@ -19,6 +20,7 @@ __all__ = [
     "cudnn_internals",
     "cudnn_internals_have",
     "default_scale",
+    "kernel_output",
     "safe_normaliser",
     "safe_row_max",
     "vary_like",
@@ -248,3 +250,22 @@ def cuda_compute_capability() -> tuple[int, int] | None:
     if len(parts) != 2 or not all(part.isdigit() for part in parts):
         return None  # not a CUDA capability string (for example a ROCm gfx name)
     return int(parts[0]), int(parts[1])
+
+
+# JAX 0.10 names a ShapeDtypeStruct's varying mesh axes `manual_axis_type`, other releases `vma`.
+_STRUCT_FIELDS = frozenset(inspect.signature(jax.ShapeDtypeStruct).parameters)
+
+
+def kernel_output(shape: tuple[int, ...], dtype: Any, *inputs: Array) -> Any:
+    """A ``pallas_call`` output type that varies over the ``shard_map`` axes of its inputs.
+
+    With ``shard_map``'s ``check_vma`` on (the default), ``pallas_call`` needs every output's
+    varying mesh axes, the union of its inputs'; outside ``shard_map`` they are empty.
+    """
+    if inputs:
+        aval = jax.typeof(vary_like(inputs[0], varying_axes(*inputs)))
+        for field in ("vma", "manual_axis_type"):
+            value = getattr(aval, field, None)
+            if field in _STRUCT_FIELDS and value is not None:
+                return jax.ShapeDtypeStruct(shape, dtype, **{field: value})  # type: ignore[no-untyped-call]
+    return jax.ShapeDtypeStruct(shape, dtype)  # type: ignore[no-untyped-call]

@@ -43,7 +43,7 @@ from jaxtyping import Array, Float, Int
 from .._checks import positive_int, shape_checked
 from .._mods import split_score_mod
 from .._typing import AttentionOutput, KeyArray, MaskMod, QueryArray, ScoreMod, ValueArray
-from ._common import accumulation_dtype, apply_score_mods, default_scale
+from ._common import accumulation_dtype, apply_score_mods, default_scale, kernel_output
 
 __all__ = ["decode_attention"]
 
@@ -490,6 +490,12 @@ def run_split_kv(
     row_scalar = pl.BlockSpec((1,), lambda b, h, s: (b,))
     q_spec = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))
     partial_shape = (batch, num_kv_heads, splits, rows)
+    operands = (
+        lengths.astype(jnp.int32),
+        q_offset.astype(jnp.int32),
+        group_query_rows(query, num_kv_heads, rows),
+        *(array for array, _ in cache_inputs),
+    )
     out, row_max, row_sum = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, splits),
@@ -500,19 +506,14 @@ def run_split_kv(
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct(partial_shape, jnp.float32),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct(partial_shape, jnp.float32),  # type: ignore[no-untyped-call]
+            kernel_output((*partial_shape, head_dim), jnp.float32, *operands),
+            kernel_output(partial_shape, jnp.float32, *operands),
+            kernel_output(partial_shape, jnp.float32, *operands),
         ],
         compiler_params=_gpu_compiler_params(num_warps, num_stages, interpret),
         interpret=interpret,
         name=name,
-    )(
-        lengths.astype(jnp.int32),
-        q_offset.astype(jnp.int32),
-        group_query_rows(query, num_kv_heads, rows),
-        *(array for array, _ in cache_inputs),
-    )
+    )(*operands)
     merged = merge_splits(out, row_max, row_sum)
     return ungroup_rows(merged, num_heads, seq_q).astype(query.dtype)
 

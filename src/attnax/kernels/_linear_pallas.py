@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from ._common import kernel_output
 from ._decode import _gpu_compiler_params, _is_power_of_two
 
 __all__ = [
@@ -209,10 +210,10 @@ def _chunk_states(
             pl.BlockSpec((None, None, per_program, head_dim), lambda b, h, n: (b, h, n, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct(
-                (batch, num_kv_heads, num_chunks, head_dim, head_dim), value.dtype
-            ),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_chunks, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
+            kernel_output(
+                (batch, num_kv_heads, num_chunks, head_dim, head_dim), value.dtype, key, value
+            ),
+            kernel_output((batch, num_kv_heads, num_chunks, head_dim), jnp.float32, key, value),
         ],
         compiler_params=compiler_params("states", interpret),
         interpret=interpret,
@@ -256,8 +257,8 @@ def _chunk_outputs(
         ],
         out_specs=[q_tile, pl.BlockSpec((None, None, rows), lambda b, h, n: (b, h, n))],
         out_shape=[
-            jax.ShapeDtypeStruct(query.shape, query.dtype),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_heads, seq), jnp.float32),  # type: ignore[no-untyped-call]
+            kernel_output(query.shape, query.dtype, query, key, value, states, norms),
+            kernel_output((batch, num_heads, seq), jnp.float32, query, key, value, states, norms),
         ],
         compiler_params=compiler_params("outputs", interpret),
         interpret=interpret,

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
+from ._common import kernel_output
 from ._linear_pallas import (
     ForwardResiduals,
     causal_in_chunk,
@@ -216,6 +217,7 @@ def fused_causal_backward(
 
     d_out = d_out.astype(query.dtype)
     cotangent_inputs = (d_out, out, residuals.denominator)
+    inputs = (query, key, value, *cotangent_inputs)  # what every output varies with (shard_map)
 
     def cotangent_specs(t: _Tiles) -> list[Any]:
         return [t.rows, t.rows, t.row_scalars]
@@ -226,8 +228,8 @@ def fused_causal_backward(
         lambda t: [t.rows, *cotangent_specs(t)],
         lambda t: [t.states, t.norms],
         [
-            jax.ShapeDtypeStruct((batch, num_heads, num_chunks, head_dim, head_dim), value.dtype),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct((batch, num_heads, num_chunks, head_dim), jnp.float32),  # type: ignore[no-untyped-call]
+            kernel_output((batch, num_heads, num_chunks, head_dim, head_dim), value.dtype, *inputs),
+            kernel_output((batch, num_heads, num_chunks, head_dim), jnp.float32, *inputs),
         ],
     )(query, *cotangent_inputs)
     later_states = exclusive_prefix_sum(chunk_states, out_dtype=value.dtype, reverse=True)
@@ -238,7 +240,7 @@ def fused_causal_backward(
         _grad_query_kernel,
         lambda t: [t.rows, t.kv_rows, t.kv_rows, *cotangent_specs(t), t.kv_states, t.kv_norms],
         lambda t: t.rows,
-        jax.ShapeDtypeStruct(query.shape, query.dtype),  # type: ignore[no-untyped-call]
+        kernel_output(query.shape, query.dtype, *inputs),
     )(query, key, value, *cotangent_inputs, residuals.prefix_states, residuals.prefix_norms)
 
     # Grouped heads: each query head's share is summed over its group below, in float32.
@@ -248,7 +250,7 @@ def fused_causal_backward(
         _grad_key_value_kernel,
         lambda t: [t.rows, t.kv_rows, t.kv_rows, *cotangent_specs(t), t.states, t.norms],
         lambda t: [t.rows, t.rows],
-        [jax.ShapeDtypeStruct((batch, num_heads, seq, head_dim), kv_grad_dtype)] * 2,  # type: ignore[no-untyped-call]
+        [kernel_output((batch, num_heads, seq, head_dim), kv_grad_dtype, *inputs)] * 2,
     )(query, key, value, *cotangent_inputs, later_states, later_norms)
     if group > 1:
         shape = (batch, num_kv_heads, group, seq, head_dim)

@@ -65,7 +65,15 @@ from .._typing import (
     ScoreMod,
     ValueArray,
 )
-from ._common import check_dropout, check_mask, check_qkv, default_scale
+from ._common import (
+    check_dropout,
+    check_mask,
+    check_qkv,
+    default_scale,
+    kernel_output,
+    vary_like,
+    varying_axes,
+)
 
 __all__ = ["FlashConfig", "default_config", "pallas_flash_attention", "stepped_config"]
 
@@ -934,10 +942,12 @@ def forward(
     indices, counts = block_lists(classes.reshape(*classes.shape[:3], num_steps, n))
     indices = indices + (jnp.arange(num_steps, dtype=jnp.int32) * n)[:, None]
     head_dim = q.shape[-1]
+    # Inside shard_map the scan's carry must vary over the same mesh axes as the kernel's output.
+    axes = varying_axes(q, prepared.key, prepared.value, *plan.operands)
     state = (
-        jnp.zeros((batch, num_heads, padded_q, head_dim), jnp.float32),
-        jnp.full((batch, num_heads, padded_q), -jnp.inf, jnp.float32),
-        jnp.zeros((batch, num_heads, padded_q), jnp.float32),
+        vary_like(jnp.zeros((batch, num_heads, padded_q, head_dim), jnp.float32), axes),
+        vary_like(jnp.full((batch, num_heads, padded_q), -jnp.inf, jnp.float32), axes),
+        vary_like(jnp.zeros((batch, num_heads, padded_q), jnp.float32), axes),
     )
 
     def key_step(
@@ -977,19 +987,16 @@ def _forward_call(
         cnt_spec,
         *_operand_specs(plan),
     ]
-    rows = jax.ShapeDtypeStruct((batch, num_heads, padded_q), jnp.float32)  # type: ignore[no-untyped-call]
+    operands = (q, k, v, indices, counts, *plan.operands, *state)
+    rows = kernel_output((batch, num_heads, padded_q), jnp.float32, *operands)
     if state:
         first_state = len(in_specs)
         in_specs += [row_block, row_scalars, row_scalars]
-        out_shape = [
-            jax.ShapeDtypeStruct(q.shape, jnp.float32),  # type: ignore[no-untyped-call]
-            rows,
-            rows,
-        ]
+        out_shape = [kernel_output(q.shape, jnp.float32, *operands), rows, rows]
         out_specs = [row_block, row_scalars, row_scalars]
         aliases = {first_state + i: i for i in range(3)}
     else:
-        out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), rows]  # type: ignore[no-untyped-call]
+        out_shape = [kernel_output(q.shape, q.dtype, *operands), rows]
         out_specs = [row_block, row_scalars]
         aliases = {}
     return pl.pallas_call(
@@ -1004,7 +1011,7 @@ def _forward_call(
         ),
         interpret=config.interpret,
         name="attnax_flash_forward_step" if state else "attnax_flash_forward",
-    )(q, k, v, indices, counts, *plan.operands, *state)
+    )(*operands)
 
 
 # --------------------------------------------------------------------------- custom_vjp

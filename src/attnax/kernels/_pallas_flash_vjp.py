@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _pallas_flash
+from ._common import kernel_output, vary_like, varying_axes
 from ._pallas_flash import (
     _LOG2E,
     FlashConfig,
@@ -266,6 +267,7 @@ def backward(
     group_spec = pl.BlockSpec((None, group, padded_q, padded_d), lambda j, b, hk: (b, hk, 0, 0))
     group_rows = pl.BlockSpec((None, group, padded_q), lambda j, b, hk: (b, hk, 0))
     kv_spec = pl.BlockSpec((None, None, bk, padded_d), lambda j, b, hk: (b, hk, j, 0))
+    dkv_operands = (q, k, v, do, lse, delta, indices, counts, *plan.operands)
     d_key, d_value = pl.pallas_call(
         functools.partial(
             _dkv_kernel,
@@ -291,13 +293,13 @@ def backward(
         ],
         out_specs=[kv_spec, kv_spec],
         out_shape=[
-            jax.ShapeDtypeStruct(k.shape, k.dtype),  # type: ignore[no-untyped-call]
-            jax.ShapeDtypeStruct(v.shape, v.dtype),  # type: ignore[no-untyped-call]
+            kernel_output(k.shape, k.dtype, *dkv_operands),
+            kernel_output(v.shape, v.dtype, *dkv_operands),
         ],
         compiler_params=params,
         interpret=config.interpret,
         name="attnax_flash_dkv",
-    )(q, k, v, do, lse, delta, indices, counts, *plan.operands)
+    )(*dkv_operands)
 
     # ---- dQ (and bias gradients): grid over query blocks, key blocks listed per query block.
     bq = _fit(config.block_q_dq, seq_q)
@@ -323,10 +325,13 @@ def backward(
     full_kv = pl.BlockSpec((None, None, padded_kv, padded_d), lambda i, b, h: (b, h // group, 0, 0))
     dbias_spec = pl.BlockSpec((None, None, bq, padded_kv), lambda i, b, h: (b, h, i, 0))
     num_biases = len(plan.bias_slots)
+    dq_operands = (q, k, v, do, lse, delta, indices, counts, *plan.operands)
+    mesh_axes = varying_axes(*dq_operands)  # the aliased zeros vary like the kernel's outputs
     zeros = [
-        jnp.zeros((batch, num_heads, padded_q, padded_kv), jnp.float32) for _ in range(num_biases)
+        vary_like(jnp.zeros((batch, num_heads, padded_q, padded_kv), jnp.float32), mesh_axes)
+        for _ in range(num_biases)
     ]
-    first_zero = 8 + len(plan.operands)
+    first_zero = len(dq_operands)
     results = pl.pallas_call(
         functools.partial(
             _dq_kernel,
@@ -352,14 +357,14 @@ def backward(
         ],
         out_specs=[q_spec, *([dbias_spec] * num_biases)],
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),  # type: ignore[no-untyped-call]
-            *(jax.ShapeDtypeStruct(z.shape, z.dtype) for z in zeros),  # type: ignore[no-untyped-call]
+            kernel_output(q.shape, q.dtype, *dq_operands),
+            *(kernel_output(z.shape, z.dtype, *dq_operands) for z in zeros),
         ],
         input_output_aliases={first_zero + n: 1 + n for n in range(num_biases)},
         compiler_params=params,
         interpret=config.interpret,
         name="attnax_flash_dq",
-    )(q, k, v, do, lse, delta, indices, counts, *plan.operands, *zeros)
+    )(*dq_operands, *zeros)
     d_query = results[0]
 
     d_biases = []
