@@ -2,7 +2,7 @@
 
 import inspect
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -20,7 +20,7 @@ __all__ = [
     "cudnn_internals",
     "cudnn_internals_have",
     "default_scale",
-    "kernel_output",
+    "kernel_outputs",
     "safe_normaliser",
     "safe_row_max",
     "vary_like",
@@ -256,16 +256,19 @@ def cuda_compute_capability() -> tuple[int, int] | None:
 _STRUCT_FIELDS = frozenset(inspect.signature(jax.ShapeDtypeStruct).parameters)
 
 
-def kernel_output(shape: tuple[int, ...], dtype: Any, *inputs: Array) -> Any:
-    """A ``pallas_call`` output type that varies over the ``shard_map`` axes of its inputs.
+def kernel_outputs(inputs: Sequence[Array], *outputs: tuple[tuple[int, ...], Any]) -> list[Any]:
+    """``pallas_call`` output types, one per (shape, dtype), varying like the kernel's inputs.
 
     With ``shard_map``'s ``check_vma`` on (the default), ``pallas_call`` needs every output's
     varying mesh axes, the union of its inputs'; outside ``shard_map`` they are empty.
     """
-    if inputs:
-        aval = jax.typeof(vary_like(inputs[0], varying_axes(*inputs)))
-        for field in ("vma", "manual_axis_type"):
-            value = getattr(aval, field, None)
-            if field in _STRUCT_FIELDS and value is not None:
-                return jax.ShapeDtypeStruct(shape, dtype, **{field: value})  # type: ignore[no-untyped-call]
-    return jax.ShapeDtypeStruct(shape, dtype)  # type: ignore[no-untyped-call]
+    aval = jax.typeof(vary_like(inputs[0], varying_axes(*inputs)))
+    typed = {
+        field: getattr(aval, field)
+        for field in ("vma", "manual_axis_type")
+        if field in _STRUCT_FIELDS and getattr(aval, field, None) is not None
+    }
+    return [
+        jax.ShapeDtypeStruct(shape, dtype, **typed)  # type: ignore[no-untyped-call]
+        for shape, dtype in outputs
+    ]

@@ -43,7 +43,7 @@ from jaxtyping import Array, Float, Int
 from .._checks import positive_int, shape_checked
 from .._mods import split_score_mod
 from .._typing import AttentionOutput, KeyArray, MaskMod, QueryArray, ScoreMod, ValueArray
-from ._common import accumulation_dtype, apply_score_mods, default_scale, kernel_output
+from ._common import accumulation_dtype, apply_score_mods, default_scale, kernel_outputs
 
 __all__ = ["decode_attention"]
 
@@ -505,11 +505,12 @@ def run_split_kv(
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
             pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
         ],
-        out_shape=[
-            kernel_output((*partial_shape, head_dim), jnp.float32, *operands),
-            kernel_output(partial_shape, jnp.float32, *operands),
-            kernel_output(partial_shape, jnp.float32, *operands),
-        ],
+        out_shape=kernel_outputs(
+            operands,
+            ((*partial_shape, head_dim), jnp.float32),
+            (partial_shape, jnp.float32),
+            (partial_shape, jnp.float32),
+        ),
         compiler_params=_gpu_compiler_params(num_warps, num_stages, interpret),
         interpret=interpret,
         name=name,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from ._common import kernel_output
+from ._common import kernel_outputs
 from ._decode import _gpu_compiler_params, _is_power_of_two
 
 __all__ = [
@@ -209,12 +209,11 @@ def _chunk_states(
             ),
             pl.BlockSpec((None, None, per_program, head_dim), lambda b, h, n: (b, h, n, 0)),
         ],
-        out_shape=[
-            kernel_output(
-                (batch, num_kv_heads, num_chunks, head_dim, head_dim), value.dtype, key, value
-            ),
-            kernel_output((batch, num_kv_heads, num_chunks, head_dim), jnp.float32, key, value),
-        ],
+        out_shape=kernel_outputs(
+            (key, value),
+            ((batch, num_kv_heads, num_chunks, head_dim, head_dim), value.dtype),
+            ((batch, num_kv_heads, num_chunks, head_dim), jnp.float32),
+        ),
         compiler_params=compiler_params("states", interpret),
         interpret=interpret,
         name="attnax_linear_chunk_states",
@@ -256,10 +255,11 @@ def _chunk_outputs(
             ),
         ],
         out_specs=[q_tile, pl.BlockSpec((None, None, rows), lambda b, h, n: (b, h, n))],
-        out_shape=[
-            kernel_output(query.shape, query.dtype, query, key, value, states, norms),
-            kernel_output((batch, num_heads, seq), jnp.float32, query, key, value, states, norms),
-        ],
+        out_shape=kernel_outputs(
+            (query, key, value, states, norms),
+            (query.shape, query.dtype),
+            ((batch, num_heads, seq), jnp.float32),
+        ),
         compiler_params=compiler_params("outputs", interpret),
         interpret=interpret,
         name="attnax_linear_chunk_outputs",

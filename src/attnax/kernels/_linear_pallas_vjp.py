@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from ._common import kernel_output
+from ._common import kernel_outputs
 from ._linear_pallas import (
     ForwardResiduals,
     causal_in_chunk,
@@ -227,10 +227,11 @@ def fused_causal_backward(
         _grad_state_kernel,
         lambda t: [t.rows, *cotangent_specs(t)],
         lambda t: [t.states, t.norms],
-        [
-            kernel_output((batch, num_heads, num_chunks, head_dim, head_dim), value.dtype, *inputs),
-            kernel_output((batch, num_heads, num_chunks, head_dim), jnp.float32, *inputs),
-        ],
+        kernel_outputs(
+            inputs,
+            ((batch, num_heads, num_chunks, head_dim, head_dim), value.dtype),
+            ((batch, num_heads, num_chunks, head_dim), jnp.float32),
+        ),
     )(query, *cotangent_inputs)
     later_states = exclusive_prefix_sum(chunk_states, out_dtype=value.dtype, reverse=True)
     later_norms = exclusive_prefix_sum(chunk_norms, reverse=True)
@@ -240,7 +241,7 @@ def fused_causal_backward(
         _grad_query_kernel,
         lambda t: [t.rows, t.kv_rows, t.kv_rows, *cotangent_specs(t), t.kv_states, t.kv_norms],
         lambda t: t.rows,
-        kernel_output(query.shape, query.dtype, *inputs),
+        kernel_outputs(inputs, (query.shape, query.dtype))[0],
     )(query, key, value, *cotangent_inputs, residuals.prefix_states, residuals.prefix_norms)
 
     # Grouped heads: each query head's share is summed over its group below, in float32.
@@ -250,7 +251,7 @@ def fused_causal_backward(
         _grad_key_value_kernel,
         lambda t: [t.rows, t.kv_rows, t.kv_rows, *cotangent_specs(t), t.states, t.norms],
         lambda t: [t.rows, t.rows],
-        [kernel_output((batch, num_heads, seq, head_dim), kv_grad_dtype, *inputs)] * 2,
+        kernel_outputs(inputs, *[((batch, num_heads, seq, head_dim), kv_grad_dtype)] * 2),
     )(query, key, value, *cotangent_inputs, later_states, later_norms)
     if group > 1:
         shape = (batch, num_kv_heads, group, seq, head_dim)

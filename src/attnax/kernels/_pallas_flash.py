@@ -70,7 +70,7 @@ from ._common import (
     check_mask,
     check_qkv,
     default_scale,
-    kernel_output,
+    kernel_outputs,
     vary_like,
     varying_axes,
 )
@@ -988,15 +988,15 @@ def _forward_call(
         *_operand_specs(plan),
     ]
     operands = (q, k, v, indices, counts, *plan.operands, *state)
-    rows = kernel_output((batch, num_heads, padded_q), jnp.float32, *operands)
+    rows = ((batch, num_heads, padded_q), jnp.float32)
     if state:
         first_state = len(in_specs)
         in_specs += [row_block, row_scalars, row_scalars]
-        out_shape = [kernel_output(q.shape, jnp.float32, *operands), rows, rows]
+        out_shape = kernel_outputs(operands, (q.shape, jnp.float32), rows, rows)
         out_specs = [row_block, row_scalars, row_scalars]
         aliases = {first_state + i: i for i in range(3)}
     else:
-        out_shape = [kernel_output(q.shape, q.dtype, *operands), rows]
+        out_shape = kernel_outputs(operands, (q.shape, q.dtype), rows)
         out_specs = [row_block, row_scalars]
         aliases = {}
     return pl.pallas_call(

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _pallas_flash
-from ._common import kernel_output, vary_like, varying_axes
+from ._common import kernel_outputs, vary_like, varying_axes
 from ._pallas_flash import (
     _LOG2E,
     FlashConfig,
@@ -292,10 +292,7 @@ def backward(
             *operand_specs,
         ],
         out_specs=[kv_spec, kv_spec],
-        out_shape=[
-            kernel_output(k.shape, k.dtype, *dkv_operands),
-            kernel_output(v.shape, v.dtype, *dkv_operands),
-        ],
+        out_shape=kernel_outputs(dkv_operands, (k.shape, k.dtype), (v.shape, v.dtype)),
         compiler_params=params,
         interpret=config.interpret,
         name="attnax_flash_dkv",
@@ -356,10 +353,9 @@ def backward(
             *([dbias_spec] * num_biases),
         ],
         out_specs=[q_spec, *([dbias_spec] * num_biases)],
-        out_shape=[
-            kernel_output(q.shape, q.dtype, *dq_operands),
-            *(kernel_output(z.shape, z.dtype, *dq_operands) for z in zeros),
-        ],
+        out_shape=kernel_outputs(
+            dq_operands, (q.shape, q.dtype), *((z.shape, z.dtype) for z in zeros)
+        ),
         input_output_aliases={first_zero + n: 1 + n for n in range(num_biases)},
         compiler_params=params,
         interpret=config.interpret,
