@@ -810,18 +810,20 @@ def _forward_kernel(
             jnp.zeros((bq,), jnp.float32),
         )
     )
-    out = acc / jnp.where(l > 0.0, l, 1.0)[:, None]
+    out, lse2 = finish_rows(acc, m, l)
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = finish_lse2(m, l)
+    lse_ref[...] = lse2
 
 
-def finish_lse2(m: Any, l: Any) -> Any:
-    """log2-sum-exp from the running maximum (log2 units) and denominator.
+def finish_rows(acc: Any, m: Any, l: Any) -> tuple[Any, Any]:
+    """The normalised output and log2-sum-exp of an online softmax's (acc, max, denominator).
 
-    +inf for an empty row, so the backward's exp2(t - lse) is 0 there.
+    A row with nothing allowed gives zeros and +inf, so the backward's exp2(t - lse) is 0 there.
+    Serves the kernel (one query block) and the stepped forward's scan (whole arrays).
     """
     nonempty = l > 0.0
-    return jnp.where(nonempty, m + jnp.log2(jnp.where(nonempty, l, 1.0)), jnp.inf)
+    safe_l = jnp.where(nonempty, l, 1.0)
+    return acc / safe_l[..., None], jnp.where(nonempty, m + jnp.log2(safe_l), jnp.inf)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -958,8 +960,8 @@ def forward(
 
     lists = (jnp.moveaxis(indices, 3, 0), jnp.moveaxis(counts, 3, 0))
     (acc, m, l), _ = jax.lax.scan(key_step, state, lists)
-    out = acc / jnp.where(l > 0.0, l, 1.0)[..., None]
-    return out.astype(q.dtype), finish_lse2(m, l)
+    out, lse2 = finish_rows(acc, m, l)
+    return out.astype(q.dtype), lse2
 
 
 def _forward_call(
