@@ -23,13 +23,13 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+import _timing  # benchmarks/_timing.py (scripts run from benchmarks/)
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,17 +47,9 @@ def median_seconds(fn: Callable[[], Any], iters: int) -> float:
     figure is the steady-state time per call of a decode loop (host dispatch overlaps the
     previous call), not one call's dispatch latency: a ~0.5 ms kernel timed one call at a time
     carries tens of microseconds of host round trip. Every row, attnax and peers alike, is
-    timed this way after one warm-up (compile) call.
+    timed this way after one warm-up (compile) call (``_timing``, shared by the benchmarks).
     """
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        for _ in range(INNER_CALLS - 1):
-            fn()
-        jax.block_until_ready(fn())
-        times.append((time.perf_counter() - start) / INNER_CALLS)
-    return statistics.median(times)
+    return _timing.median_seconds(fn, samples=iters, calls=INNER_CALLS)
 
 
 def record(name: str, group: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:

@@ -16,13 +16,12 @@ Writes $OUT/linear_chunks.json (or --out); prints a table.
 import argparse
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from _timing import median_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 from attnax import causal_mod, linear_attention
 from attnax.kernels import _linear, _linear_pallas, _linear_pallas_vjp
@@ -53,15 +52,7 @@ DEFAULTS = tuple(
 
 
 def timed(fn: Callable[..., Any], *inputs: Any) -> float:
-    jax.block_until_ready(fn(*inputs))
-    samples = []
-    for _ in range(args.samples):
-        start = time.perf_counter()
-        for _ in range(args.calls):
-            result = fn(*inputs)
-        jax.block_until_ready(result)
-        samples.append((time.perf_counter() - start) / args.calls)
-    return statistics.median(samples) * 1e3
+    return median_seconds(fn, *inputs, samples=args.samples, calls=args.calls) * 1e3
 
 
 def fwd_and_bwd(fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:

@@ -7,14 +7,13 @@ writes $OUT/linear_profile.json. ``--smoke`` runs tiny sizes on CPU.
 
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from _timing import median_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 from attnax import linear_attention
 from attnax.kernels import _linear
@@ -29,15 +28,7 @@ OPERAND = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
 
 def timed(fn: Callable[..., Any], *args: Any) -> float:
     """Median ms over 10 rounds of 10 back-to-back calls."""
-    jax.block_until_ready(fn(*args))
-    rounds = []
-    for _ in range(10):
-        start = time.perf_counter()
-        for _ in range(9):
-            fn(*args)
-        jax.block_until_ready(fn(*args))
-        rounds.append((time.perf_counter() - start) / 10)
-    return statistics.median(rounds) * 1e3
+    return median_seconds(fn, *args) * 1e3
 
 
 def einsum(spec: str, *xs: jax.Array) -> jax.Array:

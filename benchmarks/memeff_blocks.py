@@ -11,14 +11,13 @@ Writes $OUT/memeff_blocks.json; prints a table.
 
 import json
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from _timing import median_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 from attnax import causal_mod, memory_efficient_attention, pallas_flash_attention
 
@@ -32,16 +31,7 @@ rows: list[dict[str, Any]] = []
 
 
 def timed(fn: Callable[..., Any]) -> float:
-    for _ in range(2):
-        jax.block_until_ready(fn(q, k, v))
-    samples = []
-    for _ in range(SAMPLES):
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            out = fn(q, k, v)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / CALLS)
-    return statistics.median(samples) * 1e3
+    return median_seconds(fn, q, k, v, samples=SAMPLES, calls=CALLS, warmup=2) * 1e3
 
 
 def impls(causal: bool) -> dict[str, Callable[..., Any]]:

@@ -18,7 +18,6 @@ Writes ``$OUT/pallas_flash_h100.json`` (``OUT`` defaults to ``benchmarks/results
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -27,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from _timing import median_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 from attnax import _mods as mods
 from attnax.kernels import _pallas_flash
@@ -38,21 +38,8 @@ START = time.perf_counter()
 
 
 def timed(fn: Callable[..., Any], *args: Any, samples: int = 10, calls: int = 10) -> float:
-    """Median milliseconds per call over ``samples`` samples of ``calls`` back-to-back calls.
-
-    Dispatching several calls before waiting keeps the host's per-call wait out of the figure,
-    which brings it close to the device-side timing of torch's ``do_bench`` for the peers.
-    """
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(samples):
-        t = time.perf_counter()
-        for _ in range(calls):
-            result = fn(*args)
-        jax.block_until_ready(result)
-        times.append((time.perf_counter() - t) / calls)
-    return statistics.median(times) * 1e3
+    """Median milliseconds per call (``_timing``: back-to-back calls, two warm-up calls)."""
+    return median_seconds(fn, *args, samples=samples, calls=calls, warmup=2) * 1e3
 
 
 def record(impl: str, cfg: str, mode: str, ms: float, flops: float, **extra: Any) -> None:

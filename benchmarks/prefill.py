@@ -49,6 +49,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import median_seconds, sample_seconds  # benchmarks/_timing.py
 
 from attnax import _mods as mods
 from attnax.kernels._flash import flash_attention, flash_attention_bthd
@@ -213,15 +214,7 @@ def bench(
         else:
             n = max(5, min(args.iters, int(args.config_budget / max(one_call * calls, 1e-6))))
         inputs = _sync(make_inputs(2, layout, *dims))
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            for _ in range(calls):
-                result = step(*inputs)
-            _sync(result)
-            times.append((time.perf_counter() - start) / calls)
-        del result
-        median = statistics.median(times)
+        median = median_seconds(step, *inputs, samples=n, calls=calls, warmup=0)
         flops = fwd_flops(batch, heads, seq, dim, causal, window) * (3.5 if mode == "fwdbwd" else 1)
         row.update(
             median_ms=median * 1e3,
@@ -274,14 +267,8 @@ def paired(run: dict[str, Any], args: argparse.Namespace, samples: int) -> None:
         calls = 3 if args.smoke else 10
         ratios_seen: list[float] = []
         for _ in range(samples):
-            elapsed = []
-            for step in steps:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    result = step(*inputs)
-                _sync(result)
-                elapsed.append(time.perf_counter() - start)
-            ratios_seen.append(elapsed[1] / elapsed[0])
+            cudnn, flash = (sample_seconds(step, inputs, calls) for step in steps)
+            ratios_seen.append(flash / cudnn)
         ordered = sorted(ratios_seen)
         entry.update(
             flash_bthd_over_cudnn_time=statistics.median(ratios_seen),
