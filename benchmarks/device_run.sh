@@ -241,14 +241,6 @@ memeff2)
   timeout 100 python3 benchmarks/prefill.py --paired-only --paired 20 >"$OUT/prefill_paired.log" 2>&1
   timeout 190 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep --no-peers --tag bwdsweep --budget 175 >"$OUT/pallas_flash_bwdsweep.log" 2>&1
   ;;
-arith)
-  # Fifth session, call 3: PALLAS_FLASH's forward arithmetic (scale folded into exp2, lazy
-  # rescale) on and off in one process, then the whole table with the new defaults, and
-  # torch's FlexAttention on the same card.
-  # (--arith-sweep and the two FlashConfig knobs were removed with the experiment.)
-  timeout 185 python3 benchmarks/pallas_flash.py --no-peers --tag lazy --budget 165 >"$OUT/pallas_flash_kv128.log" 2>&1
-  timeout 170 python3 benchmarks/torch_peers.py 150 >"$OUT/torch_peers.log" 2>&1
-  ;;
 pftests)
   # Fifth session, call 4: PALLAS_FLASH's GPU tests on the final kernel (its forward() now also
   # serves MEMORY_EFFICIENT's stepped calls).
