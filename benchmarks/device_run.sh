@@ -246,6 +246,13 @@ pftests)
   # serves MEMORY_EFFICIENT's stepped calls).
   timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 250 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   ;;
+ringlean)
+  # The PALLAS_FLASH-pair ring: its GPU tests (and PALLAS_FLASH's, whose backward was split),
+  # compile-only memory of one GPU at T against the rings at 2T, then speed at 65536.
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/test_ring_pallas.py tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/ring_pallas_tests.log" 2>&1
+  timeout 220 python3 benchmarks/ring.py --memory --pairs default,pallas --lengths 1900544,1966080 --ring-lengths 3801088,3932160 >"$OUT/ring_memory.log" 2>&1
+  timeout 200 python3 benchmarks/ring.py --lengths 65536 --pairs pallas --no-contiguous --no-tiles --budget 150 >"$OUT/ring_time.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1

@@ -156,11 +156,12 @@ def memory_report(
               f"{row.get('units', '-')!s:>6} units  fits={row.get('fits')}"
               f" {row.get('error', '')}", flush=True)
 
-    def ring_body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return ring_attention(q, k, v, axis_name="seq", score_mod=causal_mod(), layout="zigzag",
-                              block_size=block_size)
+    def zigzag_ring(pairs: Any) -> Callable[..., jax.Array]:
+        def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+            return ring_attention(q, k, v, axis_name="seq", score_mod=causal_mod(),
+                                  layout="zigzag", block_size=block_size, fused_pairs=pairs)
 
-    ring = jax.shard_map(ring_body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+        return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
 
     ring_lengths = [int(x) for x in args.ring_lengths.split(",") if x] or lengths
     if args.single_only:
@@ -174,7 +175,12 @@ def memory_report(
                 lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod()),
                 single, devices=1, bthd=True)
     for seq in ring_lengths:
-        analyse("ring_2gpu_zigzag", seq, ring, sharded, devices=len(devices))
+        for pairs in args.pairs.split(","):
+            # "default": the default dispatch (cuDNN pairs on a GPU); "pallas": PALLAS_FLASH pairs.
+            suffix = "" if pairs == "default" else f"_{pairs}"
+            fused = None if pairs == "default" else pairs
+            analyse(f"ring_2gpu_zigzag{suffix}", seq, zigzag_ring(fused), sharded,
+                    devices=len(devices))
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
     name = "ring_memory_single_h100.json" if args.single_only else "ring_memory_2xh100.json"
@@ -203,6 +209,9 @@ def main() -> None:
                         help="--memory: only the single-GPU rows (runs on one GPU)")
     parser.add_argument("--no-tiles", action="store_true",
                         help="skip the XLA-tile ring and single-GPU memory_efficient rows")
+    parser.add_argument("--pairs", default="default",
+                        help="comma-separated ring pair kernels for the zigzag rows: default "
+                             "(cuDNN on a GPU), pallas (PALLAS_FLASH pairs)")
     args = parser.parse_args()
 
     heads, head_dim = (2, 16) if args.smoke else (16, 128)
@@ -240,11 +249,16 @@ def main() -> None:
         for mode in ("fwd", "fwd+bwd"):
             # Ring variants: the default dispatch (fused cuDNN pairs on a GPU) in both layouts,
             # and the XLA-tile pairs (fused_pairs=False) at the first length only.
-            variants = [("zigzag", None), ("contiguous", None), ("zigzag", False)]
+            # "pallas" in --pairs adds the PALLAS_FLASH-pair zigzag ring.
+            variants: list[tuple[str, Any]] = [
+                ("zigzag", None), ("contiguous", None), ("zigzag", False)
+            ]
+            if "pallas" in args.pairs.split(","):
+                variants.append(("zigzag", "pallas"))
             if args.no_contiguous:
                 variants = [variant for variant in variants if variant[0] == "zigzag"]
             if seq != lengths[0] or args.no_tiles:
-                variants = [variant for variant in variants if variant[1] is None]
+                variants = [variant for variant in variants if variant[1] is not False]
             for layout, fused in variants:
 
                 def build_ring(
@@ -261,7 +275,7 @@ def main() -> None:
                     fn = jax.jit(mapped if mode == "fwd" else with_grad(mapped))
                     return fn, inputs(seq, sharded)
 
-                suffix = "_xla_tiles" if fused is False else ""
+                suffix = {False: "_xla_tiles", "pallas": "_pallas"}.get(fused, "")
                 run_config(f"ring_2gpu_{layout}{suffix}", seq, mode, build_ring, heads=heads,
                            head_dim=head_dim, iters=iters, budget=args.budget, devices=2)
             for name, kernel in single_gpu_kernels(block_size).items():

@@ -275,6 +275,10 @@ def _random_mask_mod(
     if kind == 6:
         # No block_overlap: classified by dense evaluation.
         return lambda b, h, q, kv: (q + kv + h) % 3 != 0
+    if kind == 7:
+        q_start, q_stop = np.sort(rng.integers(0, seq_q + 1, size=2))
+        kv_start, kv_stop = np.sort(rng.integers(0, seq_kv + 1, size=2))
+        return mods.BoxMask(*(jnp.int32(x) for x in (q_start, q_stop, kv_start, kv_stop)))
     return mods.AndMask((mods.CausalMask(), lambda b, h, q, kv: kv % 2 == 0))
 
 
@@ -294,7 +298,7 @@ def _check_classes(classes: np.ndarray, dense: np.ndarray, block_q: int, block_k
 def test_block_sparsity_agrees_with_dense_evaluation() -> None:
     rng = np.random.default_rng(0)
     # Every kind of mask mod once, on random sizes (each eager config costs seconds of dispatch).
-    for kind in range(8):
+    for kind in range(9):
         batch, heads = int(rng.integers(1, 3)), int(rng.integers(1, 3))
         seq_q, seq_kv = int(rng.integers(1, 20)), int(rng.integers(1, 20))
         block_q, block_kv = int(rng.integers(1, 8)), int(rng.integers(1, 8))

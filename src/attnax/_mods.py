@@ -30,6 +30,7 @@ __all__ = [
     "AlibiMod",
     "AndMask",
     "BlockOverlapMask",
+    "BoxMask",
     "CausalMask",
     "ComposedScoreMod",
     "DocumentMask",
@@ -242,6 +243,43 @@ def _range_min_max(
     maxs = jnp.max(jnp.where(inside, ids[:, None, :], info.min), axis=-1)
     block_index = jnp.arange(lo_flat.shape[0]).reshape(lo.shape)
     return mins[b_idx, block_index], maxs[b_idx, block_index]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class BoxMask:
+    """Queries in ``[q_start, q_stop)`` see keys in ``[kv_start, kv_stop)``; nothing else.
+
+    The bounds are int32 scalars and may be traced (the ring attention's pairs decide them from
+    the device index). Each query sees one interval of keys, so block-sparse kernels treat it
+    like causal masks and windows: a row's fully allowed blocks are consecutive.
+    """
+
+    q_start: Int[Array, ""]
+    q_stop: Int[Array, ""]
+    kv_start: Int[Array, ""]
+    kv_stop: Int[Array, ""]
+
+    def __call__(
+        self, b_idx: ScoreIndex, h_idx: ScoreIndex, q_idx: ScoreIndex, kv_idx: ScoreIndex, /
+    ) -> Bool[Array, "*#tile"]:
+        rows = (q_idx >= self.q_start) & (q_idx < self.q_stop)
+        return jnp.asarray(rows & (kv_idx >= self.kv_start) & (kv_idx < self.kv_stop))
+
+    def block_overlap(
+        self,
+        b_idx: ScoreIndex,
+        h_idx: ScoreIndex,
+        q_lo: ScoreIndex,
+        q_hi: ScoreIndex,
+        kv_lo: ScoreIndex,
+        kv_hi: ScoreIndex,
+    ) -> tuple[Bool[Array, "*#tile"], Bool[Array, "*#tile"]]:
+        any_allowed = (q_lo < self.q_stop) & (q_hi > self.q_start)
+        any_allowed &= (kv_lo < self.kv_stop) & (kv_hi > self.kv_start)
+        all_allowed = (q_lo >= self.q_start) & (q_hi <= self.q_stop)
+        all_allowed &= (kv_lo >= self.kv_start) & (kv_hi <= self.kv_stop)
+        return jnp.asarray(any_allowed), jnp.asarray(all_allowed)
 
 
 @jax.tree_util.register_dataclass

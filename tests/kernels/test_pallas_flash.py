@@ -20,6 +20,7 @@ from attnax.kernels._pallas_flash import (
     _build_plan,
     block_classes,
     block_lists,
+    block_ranges,
     flash_attention_with_config,
     full_blocks_consecutive,
     pallas_flash_attention,
@@ -235,6 +236,7 @@ def test_block_lists_skip_empty_and_order_partial_first() -> None:
         ("window-both-sides", 90, 100),
         ("causal-and-window", 100, 100),
         ("documents", 96, 96),
+        ("box", 100, 90),
     ],
 )
 def test_full_blocks_consecutive_is_what_the_lists_hold(
@@ -244,7 +246,8 @@ def test_full_blocks_consecutive_is_what_the_lists_hold(
 
     Where ``full_blocks_consecutive`` says so, every row's full blocks (and, transposed, every
     column's) are consecutive ascending indices, padding included; for a document mask it
-    must say no (its rows skip blocks).
+    must say no (its rows skip blocks). There the four bounds of :func:`block_ranges` name
+    exactly the lists' partial and full blocks.
     """
     ids = jnp.asarray(np.repeat(np.array([[0, 1, 0]]), [32, 32, 32], axis=1))
     score_mod = {
@@ -256,6 +259,9 @@ def test_full_blocks_consecutive_is_what_the_lists_hold(
             mods.causal_mod(), mods.sliding_window_mod(50)
         ),
         "documents": mods.document_mask_mod(ids),
+        "box": mods.MaskScoreMod(
+            mods.BoxMask(jnp.int32(21), jnp.int32(83), jnp.int32(7), jnp.int32(61))
+        ),
     }[mod_name]
     block = 16
     padded_q, padded_kv = -(-seq_q // block) * block, -(-seq_kv // block) * block
@@ -283,11 +289,21 @@ def test_full_blocks_consecutive_is_what_the_lists_hold(
     runs_ok = []
     for table in (classes, jnp.swapaxes(classes, -1, -2)):
         indices, counts = (np.asarray(x) for x in block_lists(table))
-        for row, (n_partial, n_full) in zip(
-            indices.reshape(-1, indices.shape[-1]), counts.reshape(-1, 2), strict=True
+        bounds, range_counts = (np.asarray(x) for x in block_ranges(table))
+        for row, (n_partial, n_full), (first, first_full, end_full, end), range_count in zip(
+            indices.reshape(-1, indices.shape[-1]),
+            counts.reshape(-1, 2),
+            bounds.reshape(-1, 4),
+            range_counts.reshape(-1, 2),
+            strict=True,
         ):
             full = row[n_partial : n_partial + n_full]
             runs_ok.append(bool(np.all(np.diff(full) == 1)))
+            if consecutive:
+                partial = [*range(first, first_full), *range(end_full, end)]
+                assert range_count.tolist() == [n_partial, n_full]
+                assert partial == row[:n_partial].tolist()
+                assert list(range(first_full, end_full)) == full.tolist()
     assert all(runs_ok) if consecutive else not all(runs_ok)
 
 

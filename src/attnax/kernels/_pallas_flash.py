@@ -37,11 +37,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from .._checks import shape_checked
 from .._mods import (
+    BLOCK_EMPTY,
     BLOCK_FULL,
     BLOCK_PARTIAL,
     AdditiveBiasMod,
     AlibiMod,
     AndMask,
+    BoxMask,
     CausalMask,
     DocumentMask,
     MaskScoreMod,
@@ -366,6 +368,20 @@ class _Builder:
                 return (kv_pos < t.scalar(prefix)) | (q_pos >= kv_pos)
 
             return prefix_mask
+        if isinstance(mod, BoxMask):
+            bounds = [
+                self.add_batch_scalar(bound)
+                for bound in (mod.q_start, mod.q_stop, mod.kv_start, mod.kv_stop)
+            ]
+
+            def box_mask(t: _Tile) -> Any:
+                q_pos = t.q_idx + q_off.value(t)
+                kv_pos = t.kv_idx + kv_off.value(t)
+                q_start, q_stop, kv_start, kv_stop = (t.scalar(slot) for slot in bounds)
+                rows = (q_pos >= q_start) & (q_pos < q_stop)
+                return rows & (kv_pos >= kv_start) & (kv_pos < kv_stop)
+
+            return box_mask
         if isinstance(mod, DocumentMask):
             q_ids = self.add_row(mod.query_document_ids, q_off, self.padded_q, -1)
             kv_ids = self.add_row(mod.kv_document_ids, kv_off, self.padded_kv, -2)
@@ -462,7 +478,7 @@ def kernel_can_tile(score_mod: Any) -> bool:
 
 def _builtin_mask(mod: Any) -> bool:
     if mod is None or isinstance(
-        mod, (CausalMask, SlidingWindowMask, PrefixLMMask, DocumentMask)
+        mod, (CausalMask, SlidingWindowMask, PrefixLMMask, DocumentMask, BoxMask)
     ):
         return True
     if isinstance(mod, AndMask):
@@ -639,6 +655,34 @@ def block_lists(classes: jax.Array) -> tuple[jax.Array, jax.Array]:
     return indices, counts
 
 
+def block_ranges(classes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per row of blocks whose allowed blocks are one interval with the full ones consecutive
+    inside it (:func:`full_blocks_consecutive`): the bounds and the counts.
+
+    Returns ``bounds`` int32 (..., 4) = (first allowed, first full, end of full, end allowed)
+    and ``counts`` int32 (..., 2) = (partial, full): the partial blocks are
+    ``[first allowed, first full)`` and ``[end of full, end allowed)``. Four numbers a row
+    instead of :func:`block_lists`' sorted row: at two million tokens a list of 64-token
+    blocks is 4 GiB of int32, plus the sort's temporaries, against 0.5 MiB here, and the
+    reductions need no sort.
+    """
+    allowed = classes != BLOCK_EMPTY
+    full = classes == BLOCK_FULL
+    n_allowed = jnp.sum(allowed, axis=-1, dtype=jnp.int32)
+    n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
+    first = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
+    end = first + n_allowed
+    # No full block: the whole interval is partial (first full = end of full = end allowed).
+    first_full = jnp.where(n_full > 0, jnp.argmax(full, axis=-1).astype(jnp.int32), end)
+    bounds = jnp.stack([first, first_full, first_full + n_full, end], axis=-1)
+    return bounds, jnp.stack([n_allowed - n_full, n_full], axis=-1)
+
+
+def row_blocks(classes: jax.Array, ranged: bool) -> tuple[jax.Array, jax.Array]:
+    """The kernels' per-row table and counts: :func:`block_ranges` or :func:`block_lists`."""
+    return block_ranges(classes) if ranged else block_lists(classes)
+
+
 # --------------------------------------------------------------------------- shared math
 
 
@@ -680,8 +724,8 @@ class _Static:
     block_q: int
     block_kv: int
     precision: Any
-    # The forward steps through a row's full key blocks by arithmetic (listed_block).
-    consecutive_full: bool = False
+    # Rows are described by block ranges, not lists (row_blocks, listed_block).
+    ranged: bool = False
     # The forward kernel reads and writes the running softmax state instead of starting from
     # nothing and normalising (FlashConfig.key_step_blocks > 0).
     stepped: bool = False
@@ -693,7 +737,7 @@ CONSECUTIVE_FULL_BLOCKS = True
 
 def _interval_mask(mask_mod: Any) -> bool:
     """Whether the mask lets each query see one interval of keys that moves with the query."""
-    if mask_mod is None or isinstance(mask_mod, (CausalMask, SlidingWindowMask)):
+    if mask_mod is None or isinstance(mask_mod, (CausalMask, SlidingWindowMask, BoxMask)):
         return True
     if isinstance(mask_mod, AndMask):
         return all(_interval_mask(part) for part in mask_mod.mask_mods)
@@ -701,18 +745,26 @@ def _interval_mask(mask_mod: Any) -> bool:
 
 
 def listed_block(
-    index_at: Callable[[Any], Any], n_partial: Any, width: int, consecutive_full: bool
+    index_at: Callable[[Any], Any], n_partial: Any, ranged: bool
 ) -> Callable[[Any, bool], Any]:
-    """``block(j, masked)``: the block index at position ``j`` of a row's list.
+    """``block(j, masked)``: the block index at position ``j`` of a row's walk.
 
-    The list holds ``n_partial`` partial blocks, then the full ones. Where the full blocks are
-    consecutive (:func:`full_blocks_consecutive`), positions past the partial ones are found
-    by arithmetic from the first full block, so that loop loads no index.
+    The walk visits ``n_partial`` partial blocks, then the full ones. With lists
+    (:func:`block_lists`) position ``j`` is read from the row's list; with ranges
+    (:func:`block_ranges`, ``ranged``) it is arithmetic on the row's four bounds, so neither
+    loop loads an index per block.
     """
-    if not consecutive_full:
+    if not ranged:
         return lambda j, masked: index_at(j)
-    first_full = index_at(jnp.minimum(n_partial, width - 1))
-    return lambda j, masked: index_at(j) if masked else first_full + (j - n_partial)
+    first, first_full, end_full = index_at(0), index_at(1), index_at(2)
+    left = first_full - first  # partial blocks before the full ones
+
+    def block(j: Any, masked: bool) -> Any:
+        if masked:
+            return jnp.where(j < left, first + j, end_full + (j - left))
+        return first_full + (j - n_partial)
+
+    return block
 
 
 def full_blocks_consecutive(plan: "_Plan") -> bool:
@@ -746,9 +798,7 @@ def _forward_kernel(
 
     n_partial = cnt_ref[0]
     n_full = cnt_ref[1]
-    block = listed_block(
-        lambda j: idx_ref[j], n_partial, idx_ref.shape[0], static.consecutive_full
-    )
+    block = listed_block(lambda j: idx_ref[j], n_partial, static.ranged)
 
     def step(j: Any, carry: Any, masked: bool) -> Any:
         acc, m_prev, l_prev = carry
@@ -927,11 +977,11 @@ def forward(
         bq,
         bk,
         matmul_precision(q.dtype),
-        consecutive_full=CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan),
+        ranged=CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan),
         stepped=config.key_step_blocks > 0,
     )
     if not static.stepped:
-        indices, counts = block_lists(classes)
+        indices, counts = row_blocks(classes, static.ranged)
         out, lse = _forward_call(config, prepared, static, indices, counts, ())
         return out, lse
 
@@ -941,7 +991,8 @@ def forward(
     num_kv = classes.shape[-1]
     num_steps = -(-num_kv // n)
     classes = jnp.pad(classes, ((0, 0), (0, 0), (0, 0), (0, num_steps * n - num_kv)))
-    indices, counts = block_lists(classes.reshape(*classes.shape[:3], num_steps, n))
+    indices, counts = row_blocks(classes.reshape(*classes.shape[:3], num_steps, n), static.ranged)
+    # Every entry of a list or a range is a block index: shift each step's to global ones.
     indices = indices + (jnp.arange(num_steps, dtype=jnp.int32) * n)[:, None]
     head_dim = q.shape[-1]
     # Inside shard_map the scan's carry must vary over the same mesh axes as the kernel's output.

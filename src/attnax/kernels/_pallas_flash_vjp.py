@@ -35,16 +35,16 @@ from ._pallas_flash import (
     _Prepared,
     _Tile,
     block_classes,
-    block_lists,
     dot_nn,
     dot_nt,
     dot_tn,
     full_blocks_consecutive,
     listed_block,
     matmul_precision,
+    row_blocks,
 )
 
-__all__ = ["backward"]
+__all__ = ["backward", "dkv_call", "dq_call", "row_terms"]
 
 
 def _scores_and_vjp(
@@ -89,11 +89,15 @@ def _dkv_kernel(
     block_q: int,
     block_kv: int,
     precision: Any,
-    consecutive_full: bool = False,
+    ranged: bool = False,
+    accumulate: bool = False,
 ) -> None:
     num_operands = len(plan.operands)
     operand_refs = refs[:num_operands]
-    dk_ref, dv_ref = refs[num_operands:]
+    if accumulate:
+        dk_in, dv_in, dk_ref, dv_ref = refs[num_operands:]
+    else:
+        dk_ref, dv_ref = refs[num_operands:]
     kv_block, b, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kv_start = kv_block * block_kv
     k = k_ref[...]
@@ -105,9 +109,7 @@ def _dkv_kernel(
         h_list = h if many_h else 0
         n_partial = cnt_ref[h_list, 0]
         n_full = cnt_ref[h_list, 1]
-        block = listed_block(
-            lambda j: idx_ref[h_list, j], n_partial, idx_ref.shape[1], consecutive_full
-        )
+        block = listed_block(lambda j: idx_ref[h_list, j], n_partial, ranged)
 
         def step(j: Any, carry: Any, masked: bool) -> Any:
             dk, dv = carry
@@ -144,7 +146,12 @@ def _dkv_kernel(
     head_dim = k.shape[-1]
     zeros = jnp.zeros((block_kv, head_dim), jnp.float32)
     dk, dv = jax.lax.fori_loop(0, group, head_body, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dk = dk * scale
+    if accumulate:
+        # The buffers are aliased: this program adds its key block's share to what arrived.
+        dk = dk + dk_in[...].astype(jnp.float32)
+        dv = dv + dv_in[...].astype(jnp.float32)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -163,13 +170,16 @@ def _dq_kernel(
     block_q: int,
     block_kv: int,
     precision: Any,
-    consecutive_full: bool = False,
+    ranged: bool = False,
+    accumulate: bool = False,
 ) -> None:
     num_operands = len(plan.operands)
     num_biases = len(plan.bias_slots)
     operand_refs = refs[:num_operands]
-    # The aliased zero buffers arrive as inputs too; only their output refs are written.
-    outputs = refs[num_operands + num_biases :]
+    # The aliased zero buffers (and the dQ accumulator) arrive as inputs too; the zeros' input
+    # refs are never read.
+    first_output = num_operands + num_biases + int(accumulate)
+    outputs = refs[first_output:]
     dq_ref = outputs[0]
     dbias_refs = outputs[1:]
     q_block, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -180,7 +190,7 @@ def _dq_kernel(
     delta = delta_ref[...]
     n_partial = cnt_ref[0]
     n_full = cnt_ref[1]
-    block = listed_block(lambda j: idx_ref[j], n_partial, idx_ref.shape[0], consecutive_full)
+    block = listed_block(lambda j: idx_ref[j], n_partial, ranged)
 
     def step(j: Any, dq: Any, masked: bool) -> Any:
         kv_start = block(j, masked) * block_kv
@@ -209,40 +219,66 @@ def _dq_kernel(
     dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
     dq = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), dq)
     dq = jax.lax.fori_loop(n_partial, n_partial + n_full, functools.partial(step, masked=False), dq)
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    dq = dq * scale
+    if accumulate:
+        dq = dq + refs[first_output - 1][...].astype(jnp.float32)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def backward(
-    config: FlashConfig,
-    prepared: _Prepared,
-    scale: float,
-    out: jax.Array,
-    lse: jax.Array,
-    d_out: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
-    """Gradients of query, key, value and of each additive bias (in the plan's bias order)."""
-    q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
-    batch, num_heads, padded_q, padded_d = q.shape
-    num_kv_heads, padded_kv = k.shape[1], k.shape[2]
-    seq_q, seq_kv, head_dim = prepared.seq_q, prepared.seq_kv, prepared.head_dim
-    group = num_heads // num_kv_heads
-    precision = matmul_precision(q.dtype)
+def row_terms(
+    prepared: _Prepared, out: jax.Array, d_out: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The backward's per-row inputs padded like the prepared query: (dO, delta).
 
-    # delta_i = sum_d dO_id O_id, the softmax-gradient row term; cheap, so plain XLA.
+    ``delta_i = sum_d dO_id O_id``, the softmax-gradient row term; cheap, so plain XLA. Once it
+    is formed the output is no longer needed.
+    """
+    q = prepared.query
+    padded_q, padded_d = q.shape[2], q.shape[3]
+    seq_q, head_dim = prepared.seq_q, prepared.head_dim
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     delta = jnp.pad(delta, ((0, 0), (0, 0), (0, padded_q - seq_q)))
     do = jnp.pad(
         d_out.astype(q.dtype), ((0, 0), (0, 0), (0, padded_q - seq_q), (0, padded_d - head_dim))
     )
-    params = _compiler_params(config.num_warps_bwd, config.num_stages_bwd, padded_d)
-    operand_specs = _operand_specs(plan)
-    # Consecutive full blocks along either axis (an interval mask's band is one in both).
-    consecutive_full = _pallas_flash.CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan)
+    return do, delta
 
-    # ---- dK / dV: grid over key blocks; query blocks listed per key block (transposed map).
+
+def _ranged(plan: _Plan) -> bool:
+    # Block ranges along either axis (an interval mask's band is one interval in both).
+    return _pallas_flash.CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan)
+
+
+def dkv_call(
+    config: FlashConfig,
+    prepared: _Prepared,
+    scale: float,
+    do: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    *,
+    accumulate: tuple[jax.Array, jax.Array] | None = None,
+    in_place: bool = False,
+    out_dtype: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The dK/dV kernel on prepared (padded) inputs; returns padded (dK, dV).
+
+    ``accumulate``: (dK, dV) buffers, padded like the keys, that the kernel adds its shares to
+    in place (aliased; their dtype is the result's). ``in_place``: write dK and dV over the key
+    and value buffers (aliased; each program reads its key block before writing it). Either
+    saves a pair of (Sp, D) buffers; the caller must not read the keys and values, nor the
+    accumulators, afterwards. ``out_dtype``: the results' dtype when neither is given (the
+    keys' by default).
+    """
+    q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
+    batch, num_heads, padded_q, padded_d = q.shape
+    num_kv_heads, padded_kv = k.shape[1], k.shape[2]
+    seq_q, seq_kv = prepared.seq_q, prepared.seq_kv
+    group = num_heads // num_kv_heads
     bq = _fit(config.block_q_dkv, seq_q)
     bk = _fit(config.block_kv_dkv, seq_kv)
     num_kv_blocks = padded_kv // bk
+    # Grid over key blocks; query blocks listed per key block (the transposed map).
     classes = block_classes(
         plan,
         batch=batch,
@@ -257,7 +293,7 @@ def backward(
     if num_kv_blocks > classes_t.shape[2]:
         extra = num_kv_blocks - classes_t.shape[2]
         classes_t = jnp.pad(classes_t, ((0, 0), (0, 0), (0, extra), (0, 0)))
-    indices, counts = block_lists(classes_t)
+    indices, counts = row_blocks(classes_t, _ranged(plan))
     many_b = indices.shape[0] > 1
     list_h = indices.shape[1]
 
@@ -267,7 +303,29 @@ def backward(
     group_spec = pl.BlockSpec((None, group, padded_q, padded_d), lambda j, b, hk: (b, hk, 0, 0))
     group_rows = pl.BlockSpec((None, group, padded_q), lambda j, b, hk: (b, hk, 0))
     kv_spec = pl.BlockSpec((None, None, bk, padded_d), lambda j, b, hk: (b, hk, j, 0))
-    dkv_operands = (q, k, v, do, lse, delta, indices, counts, *plan.operands)
+    operands: tuple[jax.Array, ...] = (q, k, v, do, lse, delta, indices, counts, *plan.operands)
+    in_specs = [
+        group_spec,
+        kv_spec,
+        kv_spec,
+        group_spec,
+        group_rows,
+        group_rows,
+        pl.BlockSpec((None, list_h, None, indices.shape[-1]), list_map),
+        pl.BlockSpec((None, list_h, None, 2), list_map),
+        *_operand_specs(plan),
+    ]
+    if accumulate is not None:
+        out_dtypes = (accumulate[0].dtype, accumulate[1].dtype)
+        aliases = {len(operands): 0, len(operands) + 1: 1}
+        operands = (*operands, *accumulate)
+        in_specs += [kv_spec, kv_spec]
+    elif in_place:
+        out_dtypes = (k.dtype, v.dtype)
+        aliases = {1: 0, 2: 1}
+    else:
+        out_dtypes = (out_dtype or k.dtype, out_dtype or v.dtype)
+        aliases = {}
     d_key, d_value = pl.pallas_call(
         functools.partial(
             _dkv_kernel,
@@ -276,29 +334,46 @@ def backward(
             group=group,
             block_q=bq,
             block_kv=bk,
-            precision=precision,
-            consecutive_full=consecutive_full,
+            precision=matmul_precision(q.dtype),
+            ranged=_ranged(plan),
+            accumulate=accumulate is not None,
         ),
         grid=(num_kv_blocks, batch, num_kv_heads),
-        in_specs=[
-            group_spec,
-            kv_spec,
-            kv_spec,
-            group_spec,
-            group_rows,
-            group_rows,
-            pl.BlockSpec((None, list_h, None, indices.shape[-1]), list_map),
-            pl.BlockSpec((None, list_h, None, 2), list_map),
-            *operand_specs,
-        ],
+        in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
-        out_shape=kernel_outputs(dkv_operands, (k.shape, k.dtype), (v.shape, v.dtype)),
-        compiler_params=params,
+        out_shape=kernel_outputs(operands, (k.shape, out_dtypes[0]), (v.shape, out_dtypes[1])),
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(config.num_warps_bwd, config.num_stages_bwd, padded_d),
         interpret=config.interpret,
         name="attnax_flash_dkv",
-    )(*dkv_operands)
+    )(*operands)
+    return d_key, d_value
 
-    # ---- dQ (and bias gradients): grid over query blocks, key blocks listed per query block.
+
+def dq_call(
+    config: FlashConfig,
+    prepared: _Prepared,
+    scale: float,
+    do: jax.Array,
+    lse: jax.Array,
+    delta: jax.Array,
+    *,
+    accumulate: jax.Array | None = None,
+    out_dtype: Any = None,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """The dQ kernel on prepared (padded) inputs: padded dQ and each bias's (B, H, Tp, Sp)
+    score gradient (float32).
+
+    ``accumulate``: a dQ buffer, padded like the query, that the kernel adds to in place
+    (aliased; its dtype is the result's). ``out_dtype``: dQ's dtype otherwise (the query's by
+    default).
+    """
+    q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
+    batch, num_heads, padded_q, padded_d = q.shape
+    num_kv_heads, padded_kv = k.shape[1], k.shape[2]
+    seq_q, seq_kv = prepared.seq_q, prepared.seq_kv
+    group = num_heads // num_kv_heads
+    # Grid over query blocks, key blocks listed per query block.
     bq = _fit(config.block_q_dq, seq_q)
     bk = _fit(config.block_kv_dq, seq_kv)
     classes = block_classes(
@@ -311,7 +386,7 @@ def backward(
         block_kv=bk,
         num_q_blocks=padded_q // bq,
     )
-    indices, counts = block_lists(classes)
+    indices, counts = row_blocks(classes, _ranged(plan))
     many_b, many_h = indices.shape[0] > 1, indices.shape[1] > 1
 
     def row_map(i: Any, b: Any, h: Any) -> tuple[Any, ...]:
@@ -322,13 +397,22 @@ def backward(
     full_kv = pl.BlockSpec((None, None, padded_kv, padded_d), lambda i, b, h: (b, h // group, 0, 0))
     dbias_spec = pl.BlockSpec((None, None, bq, padded_kv), lambda i, b, h: (b, h, i, 0))
     num_biases = len(plan.bias_slots)
-    dq_operands = (q, k, v, do, lse, delta, indices, counts, *plan.operands)
-    mesh_axes = varying_axes(*dq_operands)  # the aliased zeros vary like the kernel's outputs
-    zeros = [
+    operands = (q, k, v, do, lse, delta, indices, counts, *plan.operands)
+    mesh_axes = varying_axes(*operands)  # the aliased zeros vary like the kernel's outputs
+    zeros = tuple(
         vary_like(jnp.zeros((batch, num_heads, padded_q, padded_kv), jnp.float32), mesh_axes)
         for _ in range(num_biases)
-    ]
-    first_zero = len(dq_operands)
+    )
+    aliases = {len(operands) + n: 1 + n for n in range(num_biases)}
+    extra_specs = [dbias_spec] * num_biases
+    if accumulate is not None:
+        aliases[len(operands) + num_biases] = 0
+        extra_specs.append(q_spec)
+        dq_dtype = accumulate.dtype
+        extra: tuple[jax.Array, ...] = (*zeros, accumulate)
+    else:
+        dq_dtype = out_dtype or q.dtype
+        extra = zeros
     results = pl.pallas_call(
         functools.partial(
             _dq_kernel,
@@ -336,8 +420,9 @@ def backward(
             scale=scale,
             block_q=bq,
             block_kv=bk,
-            precision=precision,
-            consecutive_full=consecutive_full,
+            precision=matmul_precision(q.dtype),
+            ranged=_ranged(plan),
+            accumulate=accumulate is not None,
         ),
         grid=(padded_q // bq, batch, num_heads),
         in_specs=[
@@ -349,25 +434,39 @@ def backward(
             rows_spec,
             pl.BlockSpec((None, None, None, indices.shape[-1]), row_map),
             pl.BlockSpec((None, None, None, 2), row_map),
-            *operand_specs,
-            *([dbias_spec] * num_biases),
+            *_operand_specs(plan),
+            *extra_specs,
         ],
         out_specs=[q_spec, *([dbias_spec] * num_biases)],
         out_shape=kernel_outputs(
-            dq_operands, (q.shape, q.dtype), *((z.shape, z.dtype) for z in zeros)
+            operands, (q.shape, dq_dtype), *((z.shape, z.dtype) for z in zeros)
         ),
-        input_output_aliases={first_zero + n: 1 + n for n in range(num_biases)},
-        compiler_params=params,
+        input_output_aliases=aliases,
+        compiler_params=_compiler_params(config.num_warps_bwd, config.num_stages_bwd, padded_d),
         interpret=config.interpret,
         name="attnax_flash_dq",
-    )(*dq_operands, *zeros)
-    d_query = results[0]
+    )(*operands, *extra)
+    return results[0], tuple(results[1:])
 
+
+def backward(
+    config: FlashConfig,
+    prepared: _Prepared,
+    scale: float,
+    out: jax.Array,
+    lse: jax.Array,
+    d_out: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
+    """Gradients of query, key, value and of each additive bias (in the plan's bias order)."""
+    seq_q, seq_kv, head_dim = prepared.seq_q, prepared.seq_kv, prepared.head_dim
+    do, delta = row_terms(prepared, out, d_out)
+    d_key, d_value = dkv_call(config, prepared, scale, do, lse, delta)
+    d_query, d_scores = dq_call(config, prepared, scale, do, lse, delta)
     d_biases = []
-    for leaf, d_scores in zip(plan.bias_leaves, results[1:], strict=True):
-        d_scores = d_scores[:, :, :seq_q, :seq_kv]
+    for leaf, d_score in zip(prepared.plan.bias_leaves, d_scores, strict=True):
+        d_score = d_score[:, :, :seq_q, :seq_kv]
         axes = tuple(axis for axis in range(4) if leaf.shape[axis] == 1)
-        d_bias = jnp.sum(d_scores, axis=axes, keepdims=True) if axes else d_scores
+        d_bias = jnp.sum(d_score, axis=axes, keepdims=True) if axes else d_score
         d_biases.append(d_bias.astype(leaf.dtype))
     return (
         d_query[:, :, :seq_q, :head_dim],

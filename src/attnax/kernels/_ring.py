@@ -33,7 +33,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from .._checks import positive_int, shape_checked
-from .._mods import AndMask, BlockOverlapMask, split_score_mod
+from .._mods import AndMask, BlockOverlapMask, CausalMask, split_score_mod
 from .._typing import (
     AttentionMask,
     AttentionOutput,
@@ -60,9 +60,11 @@ from ._common import (
 from ._flash import cudnn_plan
 from ._memory_efficient import memory_efficient_attention
 from ._ring_flash import cudnn_pairs_available, flash_ring
+from ._ring_pallas import pallas_ring
 from ._standard import standard_attention
 
 __all__ = [
+    "FusedPairs",
     "RingLayout",
     "from_ring_layout",
     "ring_attention",
@@ -72,6 +74,8 @@ __all__ = [
 ]
 
 RingLayout: TypeAlias = Literal["contiguous", "zigzag", "striped"]
+# How ring_attention computes a (query shard, key shard) pair; see its docstring.
+FusedPairs: TypeAlias = bool | Literal["cudnn", "pallas"] | None
 _LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag", "striped")
 
 # Positions are int32 everywhere (score mods index arrays with them).
@@ -821,6 +825,30 @@ def _fused_pair_plan(
     return plan.is_causal, None
 
 
+def _pallas_pair_plan(
+    query: Array,
+    key: Array,
+    *,
+    mask: Array | None,
+    score_mod: ScoreMod | None,
+    layout: str,
+) -> tuple[bool, str | None]:
+    """(causal, None) when PALLAS_FLASH pairs serve this ring, else (_, reason)."""
+    if jax.default_backend() != "gpu":
+        return False, "its kernels need a GPU (Pallas's Triton lowering)"
+    if mask is not None:
+        return False, "a key-padding mask is given"
+    if query.shape[2] != key.shape[2]:
+        return False, f"query and key shards differ in length ({query.shape[2]} vs {key.shape[2]})"
+    mask_mod, value_mod = split_score_mod(score_mod)
+    if value_mod is not None or not (mask_mod is None or isinstance(mask_mod, CausalMask)):
+        return False, "the score mod must be None or causal"
+    causal = mask_mod is not None
+    if causal and layout not in ("contiguous", "zigzag"):
+        return False, f"causal pairs need the zigzag or contiguous layout, not {layout}"
+    return causal, None
+
+
 def _ring_key_mask(
     mask: AttentionMask | None, query: Array, key: Array, *, name: str
 ) -> Bool[Array, "#B #H 1 S"] | None:
@@ -852,7 +880,7 @@ def ring_attention(
     layout: RingLayout = "contiguous",
     block_size: int = 512,
     scale: float | None = None,
-    fused_pairs: bool | None = None,
+    fused_pairs: FusedPairs = None,
 ) -> AttentionOutput:
     r"""Exact softmax attention over a sequence sharded on mesh axis ``axis_name``.
 
@@ -891,8 +919,12 @@ def ring_attention(
         no mask, a score mod that is None or causal, equal query and key shard lengths, layout
         zigzag or contiguous under causal; backward from the global log-sum-exp, see
         :mod:`attnax.kernels._ring_flash`), else blockwise XLA tiles, which take any score
-        mod. ``False``: always XLA tiles. ``True``: fused pairs or ``NotImplementedError``
-        with the reason.
+        mod. ``False``: always XLA tiles. ``True`` or ``"cudnn"``: cuDNN pairs or
+        ``NotImplementedError`` with the reason. ``"pallas"``: PALLAS_FLASH kernels per pair
+        (:mod:`attnax.kernels._ring_pallas`; a GPU, no mask, a score mod that is None or
+        causal, equal shard lengths, layout zigzag or contiguous under causal): slower than
+        cuDNN but the leanest in memory (gradients accumulated in place, no cuDNN workspace),
+        so it trains the longest sequences; ``NotImplementedError`` with the reason otherwise.
 
     Returns:
       (batch, heads, seq_q / P, head_dim) in the query's dtype: this device's output rows.
@@ -955,13 +987,38 @@ def ring_attention(
             f"multiple of 2 x {num_shards}."
         )
     key_mask = _ring_key_mask(mask, query, key, name=name)
+    if fused_pairs == "pallas":
+        causal, reason = _pallas_pair_plan(
+            query, key, mask=key_mask, score_mod=score_mod, layout=layout
+        )
+        if reason is not None:
+            raise NotImplementedError(
+                f"{name}: fused_pairs='pallas', but the PALLAS_FLASH pairs cannot serve this "
+                f"call: {reason}; pass fused_pairs=None for the cuDNN pairs or the XLA tiles."
+            )
+        lean: AttentionOutput = pallas_ring(
+            query,
+            key,
+            value,
+            axis_name=axis_name,
+            num_shards=num_shards,
+            layout=layout,
+            causal=causal,
+            scale=default_scale(head_dim, scale),
+        )
+        return lean
+    if fused_pairs not in (None, True, False, "cudnn"):
+        raise ValueError(
+            f"{name}: `fused_pairs` must be None, True, False, 'cudnn' or 'pallas', "
+            f"got {fused_pairs!r}."
+        )
     fused_causal, reason = _fused_pair_plan(
         query, key, value, mask=key_mask, score_mod=score_mod, layout=layout
     )
-    if fused_pairs and reason is not None:
+    if fused_pairs in (True, "cudnn") and reason is not None:
         raise NotImplementedError(
-            f"{name}: fused_pairs=True, but the fused (cuDNN) pairs cannot serve this call: "
-            f"{reason}; pass fused_pairs=None to fall back to the XLA tiles."
+            f"{name}: fused_pairs={fused_pairs!r}, but the fused (cuDNN) pairs cannot serve this "
+            f"call: {reason}; pass fused_pairs=None to fall back to the XLA tiles."
         )
     if fused_pairs is not False and reason is None:
         fused: AttentionOutput = flash_ring(

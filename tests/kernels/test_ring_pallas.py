@@ -1,0 +1,200 @@
+"""The ring with PALLAS_FLASH pairs (``_ring_pallas``) against attention on the whole sequence.
+
+On CPU the pair kernels run in interpret mode inside ``shard_map`` on virtual devices. JAX
+0.10's interpreter cannot type the backward kernels' loops under ``check_vma`` (see
+``test_pallas_in_shard_map.py``), so these maps turn it off; the GPU tests keep it on. Inputs
+are fresh normal draws; values and the gradients of query, key and value are compared with
+``standard_attention`` at HIGHEST precision on the gathered sequence.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+from attnax._mods import causal_mod, sliding_window_mod
+from attnax.kernels._pallas_flash import FlashConfig
+from attnax.kernels._ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
+from attnax.kernels._ring_pallas import pallas_ring
+from attnax.kernels._standard import standard_attention
+from tests._reference import output_and_vjp, random_qkv, relative_error
+
+# Small tiles, so a shard spans several blocks and the zigzag halves fall inside a block
+# when the shard length is not a multiple of 2 x 16.
+_TILES = FlashConfig(
+    block_q=16,
+    block_kv=16,
+    block_q_dkv=16,
+    block_kv_dkv=16,
+    block_q_dq=16,
+    block_kv_dq=16,
+    interpret=True,
+)
+
+
+def _mesh(size: int) -> Mesh:
+    devices = jax.devices()
+    if len(devices) < size:
+        pytest.skip(f"needs {size} devices")
+    return Mesh(np.array(devices[:size]), ("ring",))
+
+
+def _global(
+    body: Callable[..., jax.Array], mesh: Mesh, layout: RingLayout, *, check_vma: bool
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``body`` in shard_map over the sequence, taking and returning global-order arrays."""
+    num_shards = mesh.shape["ring"]
+    spec = PartitionSpec(None, None, "ring", None)  # type: ignore[no-untyped-call]
+    mapped = jax.shard_map(
+        body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma
+    )
+
+    def run(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        arranged = (to_ring_layout(x, num_shards, layout) for x in (q, k, v))
+        return from_ring_layout(mapped(*arranged), num_shards, layout)
+
+    return run
+
+
+def _standard(causal: bool) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    mod = causal_mod() if causal else None
+    return functools.partial(
+        standard_attention, score_mod=mod, precision=jax.lax.Precision.HIGHEST
+    )
+
+
+def _compare(
+    ring: Callable[..., jax.Array],
+    inputs: tuple[jax.Array, ...],
+    causal: bool,
+    tolerance: float,
+) -> None:
+    d_out = jax.random.normal(jax.random.key(99), inputs[0].shape, jnp.float32)
+    out, grads = output_and_vjp(ring, inputs, d_out)
+    exact = tuple(x.astype(jnp.float32) for x in inputs)
+    want_out, want_grads = output_and_vjp(_standard(causal), exact, d_out)
+    assert out.dtype == inputs[0].dtype
+    assert relative_error(out, want_out) < tolerance
+    for name, got, want in zip("qkv", grads, want_grads, strict=True):
+        assert got.dtype == inputs[0].dtype, name
+        assert relative_error(got, want) < tolerance, name
+
+
+@pytest.mark.parametrize(
+    ("layout", "causal", "num_shards", "kv_heads", "seq"),
+    [
+        ("zigzag", True, 2, 2, 64),  # GQA; the two-device backward works in place
+        ("zigzag", True, 4, 1, 128),  # MQA; float32 accumulators travel the ring
+        ("zigzag", True, 2, 4, 40),  # shards of 20: padded keys, halves inside a tile
+        ("contiguous", True, 2, 4, 64),  # the later shard is skipped entirely
+        ("contiguous", False, 4, 2, 64),
+    ],
+)
+def test_values_and_gradients_match_standard(
+    layout: RingLayout, causal: bool, num_shards: int, kv_heads: int, seq: int
+) -> None:
+    mesh = _mesh(num_shards)
+    inputs = random_qkv(21, num_heads=4, num_kv_heads=kv_heads, seq_q=seq, head_dim=8)
+    body = functools.partial(
+        pallas_ring,
+        axis_name="ring",
+        num_shards=num_shards,
+        layout=layout,
+        causal=causal,
+        scale=8**-0.5,
+        config=_TILES,
+    )
+    _compare(_global(body, mesh, layout, check_vma=False), inputs, causal, 2e-5)
+
+
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_bf16_inputs(num_shards: int) -> None:
+    """On two devices dQ holds one pair's bf16 share between the pairs; on more, float32."""
+    mesh = _mesh(num_shards)
+    inputs = random_qkv(
+        22, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16, dtype=jnp.bfloat16
+    )
+    body = functools.partial(
+        pallas_ring,
+        axis_name="ring",
+        num_shards=num_shards,
+        layout="zigzag",
+        causal=True,
+        scale=16**-0.5,
+        config=_TILES,
+    )
+    _compare(_global(body, mesh, "zigzag", check_vma=False), inputs, True, 1.5e-2)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
+def test_public_entry_names_what_is_missing() -> None:
+    mesh = _mesh(2)
+    q, k, v = random_qkv(23, num_heads=2, seq_q=16, head_dim=8)
+
+    def call(**kwargs: Any) -> jax.Array:
+        body = functools.partial(ring_attention, axis_name="ring", **kwargs)
+        return _global(body, mesh, "zigzag", check_vma=True)(q, k, v)
+
+    with pytest.raises(NotImplementedError, match="fused_pairs='pallas'.*need a GPU"):
+        call(score_mod=causal_mod(), layout="zigzag", fused_pairs="pallas")
+    # The runtime type check (when on) or the entry's own check names the argument.
+    with pytest.raises((ValueError, TypeError), match="fused_pairs"):
+        call(fused_pairs="triton")
+
+
+@pytest.mark.parametrize(
+    ("mod", "layout", "masked", "expected"),
+    [
+        ("causal", "zigzag", False, (True, None)),
+        (None, "striped", False, (False, None)),
+        ("causal", "striped", False, "zigzag or contiguous"),
+        ("window", "zigzag", False, "None or causal"),
+        ("causal", "zigzag", True, "key-padding mask"),
+    ],
+)
+def test_pallas_pair_plan(
+    mod: str | None, layout: str, masked: bool, expected: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatch rule, with the backend query answered as on a GPU."""
+    from attnax.kernels import _ring
+
+    monkeypatch.setattr(_ring.jax, "default_backend", lambda: "gpu")
+    q, k, _ = random_qkv(24, num_heads=4, num_kv_heads=2, seq_q=16)
+    score_mod = {"causal": causal_mod(), "window": sliding_window_mod(4), None: None}[mod]
+    mask = jnp.ones((2, 1, 1, 16), bool) if masked else None
+    plan = _ring._pallas_pair_plan(q, k, mask=mask, score_mod=score_mod, layout=layout)
+    if isinstance(expected, tuple):
+        assert plan == expected
+    else:
+        assert plan[1] is not None and expected in plan[1]
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_pallas_ring_on_two_gpus(layout: RingLayout) -> None:
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 GPUs (device kind nvidia-h100-x2)")
+    mesh = _mesh(2)
+    inputs = random_qkv(
+        25, num_heads=8, num_kv_heads=2, seq_q=2048, head_dim=64, dtype=jnp.bfloat16
+    )
+    body = functools.partial(
+        ring_attention,
+        axis_name="ring",
+        score_mod=causal_mod(),
+        layout=layout,
+        fused_pairs="pallas",
+    )
+    ring = _global(body, mesh, layout, check_vma=True)
+    assert "attnax_flash_dkv" in str(jax.jit(jax.grad(lambda *a: jnp.sum(ring(*a)))).lower(
+        *inputs
+    ).as_text())
+    _compare(ring, inputs, True, 2e-2)
