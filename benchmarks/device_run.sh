@@ -250,8 +250,27 @@ ringlean)
   # The PALLAS_FLASH-pair ring: its GPU tests (and PALLAS_FLASH's, whose backward was split),
   # compile-only memory of one GPU at T against the rings at 2T, then speed at 65536.
   timeout 200 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/test_ring_pallas.py tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/ring_pallas_tests.log" 2>&1
-  timeout 220 python3 benchmarks/ring.py --memory --pairs default,pallas --lengths 1900544,1966080 --ring-lengths 3801088,3932160 >"$OUT/ring_memory.log" 2>&1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 220 python3 benchmarks/ring.py --memory --pairs default,pallas --lengths 1900544,1966080 --ring-lengths 3801088,3932160 >"$OUT/ring_memory.log" 2>&1
   timeout 200 python3 benchmarks/ring.py --lengths 65536 --pairs pallas --no-contiguous --no-tiles --budget 150 >"$OUT/ring_time.log" 2>&1
+  ;;
+ranges)
+  # Sixth session, call 2: block ranges. One GPU each: PALLAS_FLASH's table with ranges and
+  # FlexAttention (GPU 0); the single-GPU tests and the same table with indexed lists (GPU 1).
+  # Then both GPUs: the PALLAS_FLASH-pair ring's tests, compile-only memory, speed at 65536.
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 170 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --no-peers --tag ranges --budget 140
+    timeout 160 python3 benchmarks/torch_peers.py 130
+  ) >"$OUT/gpu0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_pallas_in_shard_map.py --timeout 140 -rf 2>&1 | tail -15
+    timeout 170 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --no-peers --indexed-full --tag indexed --budget 140
+  ) >"$OUT/gpu1.log" 2>&1 &
+  wait
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/test_ring_pallas.py --timeout 80 -rf >"$OUT/ring_pallas_tests.log" 2>&1
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 120 python3 benchmarks/ring.py --memory --pairs pallas --lengths 1966080 --ring-lengths 3801088,3932160,4194304 >"$OUT/ring_memory.log" 2>&1
+  timeout 100 python3 benchmarks/ring.py --lengths 65536 --pairs pallas --no-contiguous --no-tiles --budget 70 >"$OUT/ring_time.log" 2>&1
   ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
