@@ -129,6 +129,11 @@ def memory_report(
         [256, 512] if args.smoke else [1 << 20, 1 << 21, 1 << 22, 1 << 23]
     )
     found: list[dict[str, Any]] = []
+    used = list(mesh.devices.flat)
+
+    def real_inputs(dims: tuple[int, ...], sharding: Any) -> list[jax.Array]:
+        make = jax.jit(lambda key: jax.random.normal(key, dims, dtype), out_shardings=sharding)
+        return [make(jax.random.key(seed)) for seed in range(3)]
 
     def analyse(
         impl: str, seq: int, fn: Callable[..., Any], sharding: Any, *, devices: int,
@@ -149,11 +154,25 @@ def memory_report(
                        fits=None if capacity is None else bool(total <= capacity),
                        temp_gib=round(stats.temp_size_in_bytes / 2**30, 2),
                        units=round(total / unit, 2))
+            if args.run:
+                # One real step: the allocator's own peak per device beside the compiler's
+                # figure (run one length per process: the peak counts from the start).
+                made = real_inputs(dims, sharding)
+                start = time.perf_counter()
+                step = jax.jit(with_grad(fn))
+                jax.block_until_ready(step(*made))  # type: ignore[no-untyped-call]
+                stats_of = [d.memory_stats() or {} for d in used[:devices]]
+                peaks = [device_stats.get("peak_bytes_in_use", 0) for device_stats in stats_of]
+                row.update(run_seconds=round(time.perf_counter() - start, 1),
+                           run_peak_gib=[round(p / 2**30, 2) for p in peaks],
+                           run_units=[round(p / unit, 2) for p in peaks])
         except Exception as error:  # noqa: BLE001 - a too-large compile is a finding, not a crash
             row["error"] = (type(error).__name__ + ": " + str(error)).splitlines()[0][:300]
         found.append(row)
+        ran = (f" ran {row['run_seconds']} s, peak {row['run_peak_gib']} GiB"
+               f" = {row['run_units']} units" if "run_seconds" in row else "")
         print(f"{impl:30s} T={seq:<9d} {row.get('peak_gib', '-')!s:>8} GiB "
-              f"{row.get('units', '-')!s:>6} units  fits={row.get('fits')}"
+              f"{row.get('units', '-')!s:>6} units  fits={row.get('fits')}{ran}"
               f" {row.get('error', '')}", flush=True)
 
     def zigzag_ring(pairs: Any) -> Callable[..., jax.Array]:
@@ -166,7 +185,7 @@ def memory_report(
     ring_lengths = [int(x) for x in args.ring_lengths.split(",") if x] or lengths
     if args.single_only:
         ring_lengths = []
-    for seq in lengths:
+    for seq in [] if args.ring_only else lengths:
         # One GPU, both layouts of the same cuDNN kernel: the public (B, H, T, D) entry point
         # and the layer's (B, T, H, D) one.
         analyse("single_flash_cudnn", seq, single_gpu_kernels(block_size)["flash_cudnn"], single,
@@ -184,6 +203,8 @@ def memory_report(
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
     name = "ring_memory_single_h100.json" if args.single_only else "ring_memory_2xh100.json"
+    if args.run:
+        name = name.replace(".json", "_run.json")
     path = os.path.join(out_dir, "ring_memory_smoke.json" if args.smoke else name)
     with open(path, "w") as f:
         json.dump({"devices": [d.device_kind for d in devices], "jax_version": jax.__version__,
@@ -207,6 +228,10 @@ def main() -> None:
                         help="--memory: total lengths for the ring rows (default --lengths)")
     parser.add_argument("--single-only", action="store_true",
                         help="--memory: only the single-GPU rows (runs on one GPU)")
+    parser.add_argument("--ring-only", action="store_true",
+                        help="--memory: only the ring rows")
+    parser.add_argument("--run", action="store_true",
+                        help="--memory: also run each program once and read the allocator's peak")
     parser.add_argument("--no-tiles", action="store_true",
                         help="skip the XLA-tile ring and single-GPU memory_efficient rows")
     parser.add_argument("--pairs", default="default",
