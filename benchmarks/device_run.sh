@@ -277,6 +277,21 @@ ringrun)
   # (one GPU's compile-time figure does not fit at 1,966,080), with the allocator's peak.
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 500 python3 benchmarks/ring.py --memory --run --ring-only --pairs pallas --ring-lengths 3932160 >"$OUT/ring_run.log" 2>&1
   ;;
+final6)
+  # Sixth session, call 4: the GPU tests after block ranges and the Pallas-pair ring (one GPU
+  # each, then both), and the ring's speed table with both pair kernels.
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
+  ) >"$OUT/gpu_tests_pallas.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore=tests/kernels/test_pallas_flash.py --ignore=tests/kernels/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
+  ) >"$OUT/gpu_tests_rest.log" 2>&1 &
+  wait
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_pallas.py tests/kernels/test_ring_flash.py tests/kernels/test_ring.py --timeout 90 -rf 2>&1 | tail -8 >"$OUT/gpu_tests_ring.log"
+  timeout 150 python3 benchmarks/ring.py --lengths 65536,131072 --pairs pallas --no-contiguous --no-tiles --budget 120 >"$OUT/ring_time.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1
