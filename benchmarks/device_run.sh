@@ -282,7 +282,8 @@ final6)
   # each, then both), and the ring's speed table with both pair kernels.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
+    timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 180 -rf 2>&1 | tail -8
+    timeout 90 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep2 --no-peers --fwd-block-kv 64 --tag bwdsweep2 --budget 75
   ) >"$OUT/gpu_tests_pallas.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
@@ -290,7 +291,7 @@ final6)
   ) >"$OUT/gpu_tests_rest.log" 2>&1 &
   wait
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_pallas.py tests/kernels/test_ring_flash.py tests/kernels/test_ring.py --timeout 90 -rf 2>&1 | tail -8 >"$OUT/gpu_tests_ring.log"
-  timeout 150 python3 benchmarks/ring.py --lengths 65536,131072 --pairs pallas --no-contiguous --no-tiles --budget 120 >"$OUT/ring_time.log" 2>&1
+  timeout 130 python3 benchmarks/ring.py --lengths 65536,131072 --pairs pallas --no-contiguous --no-tiles --budget 100 >"$OUT/ring_time.log" 2>&1
   ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1

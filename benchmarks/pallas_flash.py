@@ -262,7 +262,7 @@ def forward_sweep(budget: float) -> None:
     run_variants(chosen, variants, _fwd_tag, None, budget, backward=False)
 
 
-def backward_sweep(budget: float) -> None:
+def backward_sweep(budget: float, second: bool = False) -> None:
     """Backward tile/warp/stage variants (forward 128 x 64) on the forward+backward gaps to Flex.
 
     Flex's own H100 choice at head_dim 128 is 64 x 128 dK/dV and 128 x 64 dQ tiles with 8 warps
@@ -279,6 +279,18 @@ def backward_sweep(budget: float) -> None:
         FlashConfig(**base, block_kv_dkv=128, block_q_dq=128, num_warps_bwd=4),
         FlashConfig(**base, block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=4),
     ]
+    if second:
+        # Sixth session: longer steps with the same accumulators. A dK/dV program's float32
+        # accumulators are (block_kv_dkv, D) whatever its query tile, and a dQ program's
+        # (block_q_dq, D) whatever its key tile, so these double the work per loop step without
+        # growing them (only the scores tile grows).
+        variants = [
+            FlashConfig(**base),
+            FlashConfig(**base, block_q_dkv=128),
+            FlashConfig(**base, block_kv_dq=128),
+            FlashConfig(**base, block_q_dkv=128, block_kv_dq=128),
+            FlashConfig(**base, block_q_dkv=128, block_kv_dq=128, num_warps_bwd=8),
+        ]
     chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 4docs")]
     run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
 
@@ -288,11 +300,13 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--fwd-sweep", action="store_true")
     parser.add_argument("--bwd-sweep", action="store_true")
+    parser.add_argument("--bwd-sweep2", action="store_true",
+                        help="the sixth session's backward variants (longer steps)")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--indexed-full", action="store_true",
-                        help="forward loads every full block's index (CONSECUTIVE_FULL_BLOCKS off)")
+                        help="block lists for every mask (CONSECUTIVE_FULL_BLOCKS off)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--only", default="")
     parser.add_argument("--budget", type=float, default=330.0)
@@ -311,8 +325,8 @@ def main() -> None:
         forward_sweep(args.budget)
     if args.sweep:
         sweep(args.budget)
-    if args.bwd_sweep:
-        backward_sweep(args.budget)
+    if args.bwd_sweep or args.bwd_sweep2:
+        backward_sweep(args.budget, second=args.bwd_sweep2)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:

@@ -731,7 +731,8 @@ class _Static:
     stepped: bool = False
 
 
-# Read at trace time; benchmarks/pallas_flash.py turns it off to time the indexed loop.
+# Read at trace time: interval masks take block ranges (block_ranges). benchmarks/pallas_flash.py
+# turns it off (--indexed-full) to time every mask with block lists.
 CONSECUTIVE_FULL_BLOCKS = True
 
 

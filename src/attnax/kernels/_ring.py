@@ -1163,6 +1163,7 @@ def sharded_ring_attention(
     block_size: int = 512,
     scale: float | None = None,
     batch_axis: str | None = None,
+    fused_pairs: FusedPairs = None,
 ) -> AttentionOutput:
     """Run :func:`ring_attention` on global (unsharded-order) arrays over ``mesh[axis_name]``.
 
@@ -1183,6 +1184,8 @@ def sharded_ring_attention(
       block_size: tile size of the per-device blockwise compute.
       scale: score scale, ``1 / sqrt(head_dim)`` by default.
       batch_axis: optional mesh axis to shard the batch over.
+      fused_pairs: how each shard pair is computed, as in :func:`ring_attention`
+        (``"pallas"``: the leanest in memory).
 
     Returns:
       (batch, heads, seq_q, head_dim) in global order and the query's dtype.
@@ -1247,6 +1250,7 @@ def sharded_ring_attention(
             layout=layout,
             block_size=block_size,
             scale=scale,
+            fused_pairs=fused_pairs,
         )
 
     mapped = jax.shard_map(
