@@ -163,7 +163,7 @@ def test_pallas_pair_plan(
     """The dispatch rule, with the backend query answered as on a GPU."""
     from attnax.kernels import _ring
 
-    monkeypatch.setattr(_ring.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q, k, _ = random_qkv(24, num_heads=4, num_kv_heads=2, seq_q=16)
     score_mod = {"causal": causal_mod(), "window": sliding_window_mod(4), None: None}[mod]
     mask = jnp.ones((2, 1, 1, 16), bool) if masked else None

@@ -23,6 +23,7 @@ order with :func:`to_ring_layout` before sharding it contiguously, and undo it w
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -987,16 +988,30 @@ def ring_attention(
             f"multiple of 2 x {num_shards}."
         )
     key_mask = _ring_key_mask(mask, query, key, name=name)
+    if fused_pairs not in (None, True, False, "cudnn", "pallas"):
+        raise ValueError(
+            f"{name}: `fused_pairs` must be None, True, False, 'cudnn' or 'pallas', "
+            f"got {fused_pairs!r}."
+        )
     if fused_pairs == "pallas":
         causal, reason = _pallas_pair_plan(
             query, key, mask=key_mask, score_mod=score_mod, layout=layout
         )
-        if reason is not None:
-            raise NotImplementedError(
-                f"{name}: fused_pairs='pallas', but the PALLAS_FLASH pairs cannot serve this "
-                f"call: {reason}; pass fused_pairs=None for the cuDNN pairs or the XLA tiles."
-            )
-        lean: AttentionOutput = pallas_ring(
+        kind, fallback = "PALLAS_FLASH", "None for the cuDNN pairs or the XLA tiles"
+        run_pairs: Callable[..., AttentionOutput] = pallas_ring
+    else:
+        causal, reason = _fused_pair_plan(
+            query, key, value, mask=key_mask, score_mod=score_mod, layout=layout
+        )
+        kind, fallback = "fused (cuDNN)", "None to fall back to the XLA tiles"
+        run_pairs = functools.partial(flash_ring, pair="cudnn")
+    if fused_pairs not in (None, False) and reason is not None:
+        raise NotImplementedError(
+            f"{name}: fused_pairs={fused_pairs!r}, but the {kind} pairs cannot serve this "
+            f"call: {reason}; pass fused_pairs={fallback}."
+        )
+    if fused_pairs is not False and reason is None:
+        return run_pairs(
             query,
             key,
             value,
@@ -1006,33 +1021,6 @@ def ring_attention(
             causal=causal,
             scale=default_scale(head_dim, scale),
         )
-        return lean
-    if fused_pairs not in (None, True, False, "cudnn"):
-        raise ValueError(
-            f"{name}: `fused_pairs` must be None, True, False, 'cudnn' or 'pallas', "
-            f"got {fused_pairs!r}."
-        )
-    fused_causal, reason = _fused_pair_plan(
-        query, key, value, mask=key_mask, score_mod=score_mod, layout=layout
-    )
-    if fused_pairs in (True, "cudnn") and reason is not None:
-        raise NotImplementedError(
-            f"{name}: fused_pairs={fused_pairs!r}, but the fused (cuDNN) pairs cannot serve this "
-            f"call: {reason}; pass fused_pairs=None to fall back to the XLA tiles."
-        )
-    if fused_pairs is not False and reason is None:
-        fused: AttentionOutput = flash_ring(
-            query,
-            key,
-            value,
-            axis_name=axis_name,
-            num_shards=num_shards,
-            layout=layout,
-            causal=fused_causal,
-            scale=default_scale(head_dim, scale),
-            pair="cudnn",
-        )
-        return fused
     mod_arrays, rebuild = _partition_mod(score_mod)
     mod_arrays = [_vary_over_ring(array, axis_name) for array in mod_arrays]
     unit_q = seq_q // 2 if layout == "zigzag" else seq_q

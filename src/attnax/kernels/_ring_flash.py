@@ -31,6 +31,7 @@ the same inputs and outputs, used to test the ring schedule on CPU).
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, TypeAlias
 
@@ -47,7 +48,7 @@ from ._common import (
     varying_axes,
 )
 
-__all__ = ["PairImpl", "cudnn_pairs_available", "flash_ring"]
+__all__ = ["PairImpl", "cudnn_pairs_available", "exact_ring", "flash_ring"]
 
 PairImpl: TypeAlias = Literal["cudnn", "xla"]
 
@@ -373,20 +374,31 @@ def _ring_backward(
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _ring_core(cfg: _RingConfig) -> Callable[[Array, Array, Array], Array]:
+# A ring's forward: (float32 output, natural log-sum-exp) of the local queries over every shard.
+RingForward: TypeAlias = Callable[[Array, Array, Array], tuple[Array, Array]]
+# A ring's backward: (q, k, v, out, lse, dO) -> (dQ, dK, dV).
+RingBackward: TypeAlias = Callable[[Array, Array, Array, Array, Array, Array], _Grads]
+
+
+def exact_ring(
+    forward: RingForward, backward: RingBackward
+) -> Callable[[Array, Array, Array], Array]:
+    """The ring as a function of (q, k, v) with a custom VJP: ``forward`` runs it and saves the
+    output (in the query's dtype) and the log-sum-exp, which ``backward`` takes."""
+
     @jax.custom_vjp
     def ring(q: Array, k: Array, v: Array) -> Array:
-        out, _ = _ring_forward(cfg, q, k, v)
+        out, _ = forward(q, k, v)
         return out.astype(q.dtype)
 
     def fwd(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
-        out, lse = _ring_forward(cfg, q, k, v)
+        out, lse = forward(q, k, v)
         out = out.astype(q.dtype)
         return out, (q, k, v, out, lse)
 
-    def bwd(res: tuple[Array, ...], d_out: Array) -> tuple[Array, Array, Array]:
+    def bwd(res: tuple[Array, ...], d_out: Array) -> _Grads:
         q, k, v, out, lse = res
-        return _ring_backward(cfg, q, k, v, out, lse, d_out)
+        return backward(q, k, v, out, lse, d_out)
 
     ring.defvjp(fwd, bwd)
     return ring
@@ -420,4 +432,7 @@ def flash_ring(
         scale=scale,
         pair=pair,
     )
-    return _ring_core(cfg)(query, key, value)
+    ring = exact_ring(
+        functools.partial(_ring_forward, cfg), functools.partial(_ring_backward, cfg)
+    )
+    return ring(query, key, value)

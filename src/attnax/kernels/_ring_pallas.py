@@ -29,8 +29,9 @@ these pairs only when asked (``fused_pairs="pallas"``).
 """
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -42,6 +43,7 @@ from .._typing import ScoreMod
 from ._common import merge_partials, rotate_ring
 from ._pallas_flash import FlashConfig, default_config, forward, prepare
 from ._pallas_flash_vjp import dkv_call, dq_call, row_terms
+from ._ring_flash import exact_ring
 
 __all__ = ["pallas_ring", "pallas_ring_config"]
 
@@ -179,25 +181,6 @@ def _ring_backward(
     )
 
 
-def _ring_core(ring: _Ring) -> Callable[[Array, Array, Array], Array]:
-    @jax.custom_vjp
-    def attend(q: Array, k: Array, v: Array) -> Array:
-        out, _ = _ring_forward(ring, q, k, v)
-        return out.astype(q.dtype)
-
-    def fwd(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
-        out, lse = _ring_forward(ring, q, k, v)
-        out = out.astype(q.dtype)
-        return out, (q, k, v, out, lse)
-
-    def bwd(res: tuple[Array, ...], d_out: Array) -> tuple[Array, Array, Array]:
-        q, k, v, out, lse = res
-        return _ring_backward(ring, q, k, v, out, lse, d_out)
-
-    attend.defvjp(fwd, bwd)
-    return attend
-
-
 def pallas_ring(
     query: Array,
     key: Array,
@@ -229,4 +212,7 @@ def pallas_ring(
         scale=scale,
         config=config or pallas_ring_config(query.shape[-1]),
     )
-    return _ring_core(ring)(query, key, value)
+    attend = exact_ring(
+        functools.partial(_ring_forward, ring), functools.partial(_ring_backward, ring)
+    )
+    return attend(query, key, value)
