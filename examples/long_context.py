@@ -7,7 +7,10 @@ and key/value shards travel around the ring. The zigzag layout gives device ``i`
 and ``2N - 1 - i`` of ``2N`` so causal work is balanced; the input is put into that order with
 ``to_ring_layout`` and every shard passes its tokens' *global* positions to the layer
 (``position_ids_q`` / ``position_ids_kv``), so RoPE and the causal mask see the true positions.
-The result is checked against the same layer (same parameters) run without sharding.
+The result is checked against the same layer (same parameters) run without sharding. On GPUs
+the ring computes each shard pair with cuDNN; adding ``fused_pairs="pallas"`` to the partial
+trades about a third of that speed for the least memory per device (the longest sequences:
+``benchmarks/NOTES.md``, Ring).
 
 Devices. Without a GPU host of ``--devices`` GPUs this runs on ``--devices`` *virtual* CPU
 devices: when ``XLA_FLAGS`` does not already ask for a host device count, the script sets

@@ -19,7 +19,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 from attnax._mods import causal_mod, sliding_window_mod
 from attnax.kernels._pallas_flash import FlashConfig
-from attnax.kernels._ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
+from attnax.kernels._ring import (
+    RingLayout,
+    from_ring_layout,
+    ring_attention,
+    sharded_ring_attention,
+    to_ring_layout,
+)
 from attnax.kernels._ring_pallas import pallas_ring
 from attnax.kernels._standard import standard_attention
 from tests._reference import output_and_vjp, random_qkv, relative_error
@@ -142,6 +148,11 @@ def test_public_entry_names_what_is_missing() -> None:
 
     with pytest.raises(NotImplementedError, match="fused_pairs='pallas'.*need a GPU"):
         call(score_mod=causal_mod(), layout="zigzag", fused_pairs="pallas")
+    # The global-array wrapper hands the choice through.
+    with pytest.raises(NotImplementedError, match="fused_pairs='pallas'.*need a GPU"):
+        sharded_ring_attention(
+            q, k, v, mesh=mesh, axis_name="ring", score_mod=causal_mod(), fused_pairs="pallas"
+        )
     # The runtime type check (when on) or the entry's own check names the argument.
     with pytest.raises((ValueError, TypeError), match="fused_pairs"):
         call(fused_pairs="triton")
