@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import math
 from collections.abc import Hashable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -192,7 +191,7 @@ def pallas_ring(
     causal: bool,
     scale: float,
     config: FlashConfig | None = None,
-) -> Any:
+) -> Array:
     """The ring with PALLAS_FLASH kernels per shard pair; call inside ``shard_map``.
 
     Arguments are already validated by :func:`attnax.ring_attention`: (B, H, T/P, D) shards
