@@ -293,6 +293,11 @@ final6)
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_pallas.py tests/kernels/test_ring_flash.py tests/kernels/test_ring.py --timeout 90 -rf 2>&1 | tail -8 >"$OUT/gpu_tests_ring.log"
   timeout 130 python3 benchmarks/ring.py --lengths 65536,131072 --pairs pallas --no-contiguous --no-tiles --budget 100 >"$OUT/ring_time.log" 2>&1  # kept as results/ring_pairs_sixth_2xh100.json
   ;;
+ringpaired)
+  # For the next session: the default (cuDNN-pair) ring against one GPU with interleaved
+  # samples, where sequential medians put the 65536-token forward at 1.74-1.93x over three calls.
+  timeout 300 python3 benchmarks/ring.py --lengths 65536,131072 --no-contiguous --no-tiles --paired 15 --budget 150 >"$OUT/ring_paired.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1

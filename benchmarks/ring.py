@@ -48,6 +48,7 @@ from attnax._mods import causal_mod
 from attnax.kernels._flash import flash_attention, flash_attention_bthd
 from attnax.kernels._memory_efficient import memory_efficient_attention
 from attnax.kernels._ring import ring_attention
+from _timing import sample_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 START = time.perf_counter()
 rows: list[dict[str, Any]] = []
@@ -108,6 +109,44 @@ def run_config(
         print(f"{impl:28s} T={seq:<7d} {mode:8s} FAILED {message}", flush=True)
         traceback.print_exc(limit=2)
     rows.append(row)
+
+
+def paired_ratio(
+    seq: int, mode: str, mesh: Mesh, spec: PartitionSpec, ring_args: tuple[jax.Array, ...],
+    single_args: tuple[jax.Array, ...], args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Single-GPU cuDNN time / zigzag ring time (default pairs), samples interleaved.
+
+    Sequential medians of the two drift apart between calls (the single GPU's 65536-token
+    forward read 27.7-29.7 ms over three calls of one session), which moved the ratio across
+    1.8; the ratio of adjacent samples cancels that drift.
+    """
+    entry: dict[str, Any] = {"seq": seq, "mode": mode, "samples": args.paired}
+
+    def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return ring_attention(q, k, v, axis_name="seq", score_mod=causal_mod(), layout="zigzag")
+
+    ring = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    single = single_gpu_kernels(0)["flash_cudnn"]
+    steps = [jax.jit(fn if mode == "fwd" else with_grad(fn)) for fn in (ring, single)]
+    try:
+        for step, step_args in zip(steps, (ring_args, single_args), strict=True):
+            jax.block_until_ready(step(*step_args))  # type: ignore[no-untyped-call]
+        ratios = []
+        for _ in range(args.paired):
+            ring_s = sample_seconds(steps[0], ring_args, 3)
+            single_s = sample_seconds(steps[1], single_args, 3)
+            ratios.append(single_s / ring_s)
+        ordered = sorted(ratios)
+        entry.update(single_over_ring=round(statistics.median(ratios), 3),
+                     quartiles=[round(ordered[len(ordered) // 4], 3),
+                                round(ordered[(3 * len(ordered)) // 4], 3)])
+        print(f"paired T={seq:<7d} {mode:8s} single/ring {entry['single_over_ring']:.3f} "
+              f"(quartiles {entry['quartiles'][0]:.3f}-{entry['quartiles'][1]:.3f})", flush=True)
+    except Exception as error:  # noqa: BLE001 - recorded, the run goes on
+        entry["error"] = (type(error).__name__ + ": " + str(error)).splitlines()[0][:300]
+        print(f"paired T={seq} {mode} FAILED {entry['error']}", flush=True)
+    return entry
 
 
 def memory_report(
@@ -230,6 +269,9 @@ def main() -> None:
                         help="--memory: only the single-GPU rows (runs on one GPU)")
     parser.add_argument("--ring-only", action="store_true",
                         help="--memory: only the ring rows")
+    parser.add_argument("--paired", type=int, default=0,
+                        help="interleaved samples of the zigzag ring and single cuDNN per length "
+                             "and mode (their time ratio; 0: none)")
     parser.add_argument("--run", action="store_true",
                         help="--memory: also run each program once and read the allocator's peak")
     parser.add_argument("--no-tiles", action="store_true",
@@ -314,6 +356,12 @@ def main() -> None:
                 run_config(f"single_{name}", seq, mode, build_single, heads=heads,
                            head_dim=head_dim, iters=iters, budget=args.budget, devices=1)
 
+    paired_rows = [
+        paired_ratio(seq, mode, mesh, spec, inputs(seq, sharded), inputs(seq, single), args)
+        for seq in (lengths if args.paired else [])
+        for mode in ("fwd", "fwd+bwd")
+    ]
+
     # Ratios against the best single-GPU kernel on the same length and mode.
     summary: list[dict[str, Any]] = []
     for seq in lengths:
@@ -339,7 +387,8 @@ def main() -> None:
                 "devices": [d.device_kind for d in devices], "platform": devices[0].platform,
                 "jax_version": jax.__version__, "heads": heads, "head_dim": head_dim,
                 "dtype": str(jnp.dtype(dtype)), "block_size": block_size, "causal": True,
-                "rows": rows, "summary": summary, "seconds": round(time.perf_counter() - START, 1),
+                "rows": rows, "summary": summary, "paired": paired_rows,
+                "seconds": round(time.perf_counter() - START, 1),
             },
             f, indent=2,
         )
