@@ -156,6 +156,17 @@ def test_prefix_lm_with_int_offsets() -> None:
     _check(seed=4, score_mod_of=lambda: score_mod, seq_q=24, seq_kv=40, block_q=16, block_kv=32)
 
 
+def test_prefix_lm_and_window_walk_block_ranges() -> None:
+    # Prefix-LM masks are interval masks: the three kernels walk them by block ranges. Per-batch
+    # prefixes that end inside a tile and past several, alone and with a two-sided window.
+    prefix = mods.prefix_lm_mod(jnp.array([7, 50]))
+    _check(seed=21, score_mod_of=lambda: prefix, seq_q=96, seq_kv=96)
+    windowed = mods.compose_score_mods(
+        mods.prefix_lm_mod(jnp.array([40, 3])), mods.sliding_window_mod(20, causal=False)
+    )
+    _check(seed=22, score_mod_of=lambda: windowed, seq_q=80, seq_kv=96)
+
+
 def test_additive_bias_gradient() -> None:
     # A learnable (1, H, T, S) bias under causal masking gets its gradient (summed over batch).
     bias = 0.5 * jax.random.normal(jax.random.key(7), (1, 4, 32, 48), jnp.float32)
@@ -237,6 +248,8 @@ def test_block_lists_skip_empty_and_order_partial_first() -> None:
         ("causal-and-window", 100, 100),
         ("documents", 96, 96),
         ("box", 100, 90),
+        ("prefix", 100, 100),
+        ("prefix-and-window", 90, 100),
     ],
 )
 def test_full_blocks_consecutive_is_what_the_lists_hold(
@@ -259,6 +272,10 @@ def test_full_blocks_consecutive_is_what_the_lists_hold(
             mods.causal_mod(), mods.sliding_window_mod(50)
         ),
         "documents": mods.document_mask_mod(ids),
+        "prefix": mods.prefix_lm_mod(jnp.array([37])),
+        "prefix-and-window": mods.compose_score_mods(
+            mods.prefix_lm_mod(jnp.array([45])), mods.sliding_window_mod(30, causal=False)
+        ),
         "box": mods.MaskScoreMod(
             mods.BoxMask(jnp.int32(21), jnp.int32(83), jnp.int32(7), jnp.int32(61))
         ),
@@ -305,6 +322,70 @@ def test_full_blocks_consecutive_is_what_the_lists_hold(
                 assert partial == row[:n_partial].tolist()
                 assert list(range(first_full, end_full)) == full.tolist()
     assert all(runs_ok) if consecutive else not all(runs_ok)
+
+
+def test_block_ranges_name_the_lists_blocks_for_random_interval_masks() -> None:
+    """For every mask ``full_blocks_consecutive`` admits, on random sizes and tiles (batch 2,
+    per-batch prefixes), the four bounds name exactly the partial and full blocks of every row
+    and every column; a mask it wrongly admitted would fail here."""
+    rng = np.random.default_rng(7)
+
+    def random_interval_mask(seq_q: int, seq_kv: int) -> Any:
+        kind = int(rng.integers(0, 5))
+        if kind == 0:
+            return mods.causal_mod()
+        if kind == 1:
+            return mods.sliding_window_mod(int(rng.integers(1, 40)), causal=bool(rng.integers(2)))
+        if kind == 2:
+            return mods.prefix_lm_mod(jnp.asarray(rng.integers(0, seq_kv + 1, size=2)))
+        if kind == 3:
+            q_lo, q_hi = np.sort(rng.integers(0, seq_q + 1, size=2))
+            kv_lo, kv_hi = np.sort(rng.integers(0, seq_kv + 1, size=2))
+            bounds = (jnp.int32(x) for x in (q_lo, q_hi, kv_lo, kv_hi))
+            return mods.MaskScoreMod(mods.BoxMask(*bounds))
+        return mods.compose_score_mods(
+            random_interval_mask(seq_q, seq_kv), random_interval_mask(seq_q, seq_kv)
+        )
+
+    for _ in range(12):
+        seq_q, seq_kv = (int(x) for x in rng.integers(20, 120, size=2))
+        block_q, block_kv = (int(x) for x in rng.choice([16, 32], size=2))
+        padded_q = -(-seq_q // block_q) * block_q
+        padded_kv = -(-seq_kv // block_kv) * block_kv
+        plan = _build_plan(
+            None,
+            random_interval_mask(seq_q, seq_kv),
+            batch=2,
+            seq_q=seq_q,
+            seq_kv=seq_kv,
+            padded_q=padded_q,
+            padded_kv=padded_kv,
+        )
+        assert full_blocks_consecutive(plan)
+        classes = block_classes(
+            plan,
+            batch=2,
+            num_heads=1,
+            seq_q=seq_q,
+            seq_kv=seq_kv,
+            block_q=block_q,
+            block_kv=block_kv,
+            num_q_blocks=padded_q // block_q,
+        )
+        for table in (classes, jnp.swapaxes(classes, -1, -2)):
+            indices, counts = (np.asarray(x) for x in block_lists(table))
+            bounds, range_counts = (np.asarray(x) for x in block_ranges(table))
+            for row, (n_partial, n_full), (first, first_full, end_full, end) in zip(
+                indices.reshape(-1, indices.shape[-1]),
+                counts.reshape(-1, 2),
+                bounds.reshape(-1, 4),
+                strict=True,
+            ):
+                partial = [*range(first, first_full), *range(end_full, end)]
+                assert sorted(partial) == sorted(row[:n_partial].tolist())
+                full = row[n_partial : n_partial + n_full].tolist()
+                assert list(range(first_full, end_full)) == sorted(full)
+            assert np.array_equal(range_counts, counts)
 
 
 def test_padded_last_key_block_is_partial() -> None:

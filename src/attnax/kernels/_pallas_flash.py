@@ -737,8 +737,14 @@ CONSECUTIVE_FULL_BLOCKS = True
 
 
 def _interval_mask(mask_mod: Any) -> bool:
-    """Whether the mask lets each query see one interval of keys that moves with the query."""
-    if mask_mod is None or isinstance(mask_mod, (CausalMask, SlidingWindowMask, BoxMask)):
+    """Whether the mask lets each query see one interval of keys that moves with the query
+    (and each key be seen by one interval of queries).
+
+    A prefix-LM row sees ``[0, max(prefix, q + 1))`` and a key ``k`` is seen from ``k`` on (from
+    0 inside the prefix); a box row sees its key range or nothing, in one run of rows.
+    """
+    interval_types = (CausalMask, SlidingWindowMask, BoxMask, PrefixLMMask)
+    if mask_mod is None or isinstance(mask_mod, interval_types):
         return True
     if isinstance(mask_mod, AndMask):
         return all(_interval_mask(part) for part in mask_mod.mask_mods)
@@ -772,10 +778,10 @@ def full_blocks_consecutive(plan: "_Plan") -> bool:
     """Whether every row's full key blocks (and every column's full query blocks) are
     consecutive block indices, ascending.
 
-    True without a mask, for causal masks and sliding windows and intersections of these (a
-    row of query blocks sees a band of key blocks whose fully allowed part is an interval;
-    the key padding block, forced partial, sits at the band's end). A dense mask or a
-    document or prefix mask gives no such guarantee and keeps the indexed loop.
+    True without a mask, for causal, sliding-window, prefix-LM and box masks and intersections
+    of these (a row of query blocks sees a band of key blocks whose fully allowed part is an
+    interval; the key padding block, forced partial, sits at the band's end). A dense mask or
+    a document mask gives no such guarantee and keeps the block lists.
     """
     return plan.dense_mask is None and _interval_mask(plan.mask_mod)
 
