@@ -190,7 +190,8 @@ flex64)
   ;;
 consecutive)
   # Fourth session, call 9: PALLAS_FLASH's forward stepping through consecutive full blocks by
-  # arithmetic (CONSECUTIVE_FULL_BLOCKS) against the indexed loop, dense configs, no peers;
+  # arithmetic (the flag then named CONSECUTIVE_FULL_BLOCKS, now BLOCK_RANGES) against the
+  # indexed loop, dense configs, no peers;
   # then PALLAS_FLASH's GPU tests.
   ONLY="B4 S4096 causal,B4 S4096 full,B1 S16384 causal,B1 S16384 full"
   for kv in 64 128; do

@@ -306,7 +306,7 @@ def main() -> None:
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--indexed-full", action="store_true",
-                        help="block lists for every mask (CONSECUTIVE_FULL_BLOCKS off)")
+                        help="block lists for every mask (BLOCK_RANGES off)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--only", default="")
     parser.add_argument("--budget", type=float, default=330.0)
@@ -316,7 +316,7 @@ def main() -> None:
     # --fwd-block-kv 64: the table with 128 x 64 forward tiles (4 warps, 2 stages), the
     # forward sweep's best; the backward keeps its defaults.
     flash = FlashConfig(block_kv=args.fwd_block_kv)
-    _pallas_flash.CONSECUTIVE_FULL_BLOCKS = not args.indexed_full
+    _pallas_flash.BLOCK_RANGES = not args.indexed_full
     for cfg in [] if args.skip_table else config_list():
         if args.only and not any(token in cfg["name"] for token in args.only.split(",")):
             continue

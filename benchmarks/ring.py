@@ -42,13 +42,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import sample_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attnax._mods import causal_mod
 from attnax.kernels._flash import flash_attention, flash_attention_bthd
 from attnax.kernels._memory_efficient import memory_efficient_attention
 from attnax.kernels._ring import ring_attention
-from _timing import sample_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 START = time.perf_counter()
 rows: list[dict[str, Any]] = []
@@ -84,6 +84,30 @@ def single_gpu_kernels(block_size: int) -> dict[str, Callable[..., jax.Array]]:
             q, k, v, score_mod=causal_mod(), block_size=block_size
         ),
     }
+
+
+def causal_ring(
+    mesh: Mesh, spec: PartitionSpec, *, layout: str, pairs: Any, block_size: int
+) -> Callable[..., jax.Array]:
+    """Causal ``ring_attention`` in ``shard_map`` over the mesh's "seq" axis (its
+    ``fused_pairs`` is ``pairs``), on shards already in ``layout`` order."""
+
+    def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return ring_attention(
+            q, k, v, axis_name="seq", score_mod=causal_mod(),
+            layout=layout, block_size=block_size,  # type: ignore[arg-type]
+            fused_pairs=pairs,
+        )
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+
+
+def random_qkv(
+    dims: tuple[int, ...], dtype: Any, sharding: Any, seed: int
+) -> tuple[jax.Array, ...]:
+    """Fresh normal q, k, v of shape ``dims``, made on their devices (never on the host)."""
+    make = jax.jit(lambda key: jax.random.normal(key, dims, dtype), out_shardings=sharding)
+    return tuple(make(key) for key in jax.random.split(jax.random.key(seed), 3))
 
 
 def run_config(
@@ -123,10 +147,7 @@ def paired_ratio(
     """
     entry: dict[str, Any] = {"seq": seq, "mode": mode, "samples": args.paired}
 
-    def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return ring_attention(q, k, v, axis_name="seq", score_mod=causal_mod(), layout="zigzag")
-
-    ring = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    ring = causal_ring(mesh, spec, layout="zigzag", pairs=None, block_size=512)
     single = single_gpu_kernels(0)["flash_cudnn"]
     steps = [jax.jit(fn if mode == "fwd" else with_grad(fn)) for fn in (ring, single)]
     try:
@@ -170,10 +191,6 @@ def memory_report(
     found: list[dict[str, Any]] = []
     used = list(mesh.devices.flat)
 
-    def real_inputs(dims: tuple[int, ...], sharding: Any) -> list[jax.Array]:
-        make = jax.jit(lambda key: jax.random.normal(key, dims, dtype), out_shardings=sharding)
-        return [make(jax.random.key(seed)) for seed in range(3)]
-
     def analyse(
         impl: str, seq: int, fn: Callable[..., Any], sharding: Any, *, devices: int,
         bthd: bool = False,
@@ -196,7 +213,7 @@ def memory_report(
             if args.run:
                 # One real step: the allocator's own peak per device beside the compiler's
                 # figure (run one length per process: the peak counts from the start).
-                made = real_inputs(dims, sharding)
+                made = random_qkv(dims, dtype, sharding, seq)
                 start = time.perf_counter()
                 step = jax.jit(with_grad(fn))
                 jax.block_until_ready(step(*made))  # type: ignore[no-untyped-call]
@@ -214,13 +231,6 @@ def memory_report(
               f"{row.get('units', '-')!s:>6} units  fits={row.get('fits')}{ran}"
               f" {row.get('error', '')}", flush=True)
 
-    def zigzag_ring(pairs: Any) -> Callable[..., jax.Array]:
-        def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-            return ring_attention(q, k, v, axis_name="seq", score_mod=causal_mod(),
-                                  layout="zigzag", block_size=block_size, fused_pairs=pairs)
-
-        return jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
-
     ring_lengths = [int(x) for x in args.ring_lengths.split(",") if x] or lengths
     if args.single_only:
         ring_lengths = []
@@ -237,8 +247,8 @@ def memory_report(
             # "default": the default dispatch (cuDNN pairs on a GPU); "pallas": PALLAS_FLASH pairs.
             suffix = "" if pairs == "default" else f"_{pairs}"
             fused = None if pairs == "default" else pairs
-            analyse(f"ring_2gpu_zigzag{suffix}", seq, zigzag_ring(fused), sharded,
-                    devices=len(devices))
+            ring = causal_ring(mesh, spec, layout="zigzag", pairs=fused, block_size=block_size)
+            analyse(f"ring_2gpu_zigzag{suffix}", seq, ring, sharded, devices=len(devices))
     out_dir = os.environ.get("OUT", "benchmarks/results")
     os.makedirs(out_dir, exist_ok=True)
     name = "ring_memory_single_h100.json" if args.single_only else "ring_memory_2xh100.json"
@@ -298,15 +308,7 @@ def main() -> None:
     print(f"devices: {[d.device_kind for d in devices]}  jax {jax.__version__}", flush=True)
 
     def inputs(seq: int, sharding: Any) -> tuple[jax.Array, ...]:
-        shape = (1, heads, seq, head_dim)
-
-        @jax.jit
-        def make(key: jax.Array) -> tuple[jax.Array, ...]:
-            kq, kk, kv = jax.random.split(key, 3)
-            return tuple(jax.random.normal(k, shape, dtype) for k in (kq, kk, kv))
-
-        made = make(jax.random.key(seq))
-        return tuple(jax.device_put(x, sharding) for x in made)
+        return random_qkv((1, heads, seq, head_dim), dtype, sharding, seq)
 
     if args.memory:
         memory_report(args, mesh, spec, heads, head_dim, dtype, block_size)
@@ -331,14 +333,9 @@ def main() -> None:
                 def build_ring(
                     seq: int = seq, mode: str = mode, layout: str = layout, fused: Any = fused
                 ) -> Any:
-                    def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-                        return ring_attention(
-                            q, k, v, axis_name="seq", score_mod=causal_mod(),
-                            layout=layout, block_size=block_size,  # type: ignore[arg-type]
-                            fused_pairs=fused,
-                        )
-
-                    mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+                    mapped = causal_ring(
+                        mesh, spec, layout=layout, pairs=fused, block_size=block_size
+                    )
                     fn = jax.jit(mapped if mode == "fwd" else with_grad(mapped))
                     return fn, inputs(seq, sharded)
 

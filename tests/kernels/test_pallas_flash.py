@@ -237,6 +237,31 @@ def test_block_lists_skip_empty_and_order_partial_first() -> None:
     assert np.asarray(indices)[0, 0, 3, :4].tolist() == [3, 0, 1, 2]
 
 
+def _full_runs_are_consecutive(classes: jax.Array, *, ranged: bool) -> list[bool]:
+    """For every row of block classes and every column: whether its listed full blocks are
+    consecutive. With ``ranged``, also that :func:`block_ranges`' four bounds and counts name
+    exactly the blocks :func:`block_lists` lists, partial ones and full ones, in order."""
+    runs_ok = []
+    for table in (classes, jnp.swapaxes(classes, -1, -2)):
+        indices, counts = (np.asarray(x) for x in block_lists(table))
+        bounds, range_counts = (np.asarray(x) for x in block_ranges(table))
+        for row, (n_partial, n_full), (first, first_full, end_full, end), range_count in zip(
+            indices.reshape(-1, indices.shape[-1]),
+            counts.reshape(-1, 2),
+            bounds.reshape(-1, 4),
+            range_counts.reshape(-1, 2),
+            strict=True,
+        ):
+            full = row[n_partial : n_partial + n_full]
+            runs_ok.append(bool(np.all(np.diff(full) == 1)))
+            if ranged:
+                partial = [*range(first, first_full), *range(end_full, end)]
+                assert range_count.tolist() == [n_partial, n_full]
+                assert partial == row[:n_partial].tolist()
+                assert list(range(first_full, end_full)) == full.tolist()
+    return runs_ok
+
+
 @pytest.mark.parametrize(
     ("mod_name", "seq_q", "seq_kv"),
     [
@@ -303,24 +328,7 @@ def test_full_blocks_consecutive_is_what_the_lists_hold(
         block_kv=block,
         num_q_blocks=padded_q // block,
     )
-    runs_ok = []
-    for table in (classes, jnp.swapaxes(classes, -1, -2)):
-        indices, counts = (np.asarray(x) for x in block_lists(table))
-        bounds, range_counts = (np.asarray(x) for x in block_ranges(table))
-        for row, (n_partial, n_full), (first, first_full, end_full, end), range_count in zip(
-            indices.reshape(-1, indices.shape[-1]),
-            counts.reshape(-1, 2),
-            bounds.reshape(-1, 4),
-            range_counts.reshape(-1, 2),
-            strict=True,
-        ):
-            full = row[n_partial : n_partial + n_full]
-            runs_ok.append(bool(np.all(np.diff(full) == 1)))
-            if consecutive:
-                partial = [*range(first, first_full), *range(end_full, end)]
-                assert range_count.tolist() == [n_partial, n_full]
-                assert partial == row[:n_partial].tolist()
-                assert list(range(first_full, end_full)) == full.tolist()
+    runs_ok = _full_runs_are_consecutive(classes, ranged=consecutive)
     assert all(runs_ok) if consecutive else not all(runs_ok)
 
 
@@ -372,20 +380,7 @@ def test_block_ranges_name_the_lists_blocks_for_random_interval_masks() -> None:
             block_kv=block_kv,
             num_q_blocks=padded_q // block_q,
         )
-        for table in (classes, jnp.swapaxes(classes, -1, -2)):
-            indices, counts = (np.asarray(x) for x in block_lists(table))
-            bounds, range_counts = (np.asarray(x) for x in block_ranges(table))
-            for row, (n_partial, n_full), (first, first_full, end_full, end) in zip(
-                indices.reshape(-1, indices.shape[-1]),
-                counts.reshape(-1, 2),
-                bounds.reshape(-1, 4),
-                strict=True,
-            ):
-                partial = [*range(first, first_full), *range(end_full, end)]
-                assert sorted(partial) == sorted(row[:n_partial].tolist())
-                full = row[n_partial : n_partial + n_full].tolist()
-                assert list(range(first_full, end_full)) == sorted(full)
-            assert np.array_equal(range_counts, counts)
+        _full_runs_are_consecutive(classes, ranged=True)
 
 
 def test_padded_last_key_block_is_partial() -> None:

@@ -733,7 +733,7 @@ class _Static:
 
 # Read at trace time: interval masks take block ranges (block_ranges). benchmarks/pallas_flash.py
 # turns it off (--indexed-full) to time every mask with block lists.
-CONSECUTIVE_FULL_BLOCKS = True
+BLOCK_RANGES = True
 
 
 def _interval_mask(mask_mod: Any) -> bool:
@@ -943,6 +943,22 @@ def prepare(
     return _Prepared(q, k, v, plan, seq_q, seq_kv, head_dim)
 
 
+def prepared_classes(prepared: _Prepared, block_q: int, block_kv: int) -> jax.Array:
+    """:func:`block_classes` of a prepared call at one kernel's tiles (every padded query
+    block of the grid included, as empty)."""
+    batch, num_heads, padded_q, _ = prepared.query.shape
+    return block_classes(
+        prepared.plan,
+        batch=batch,
+        num_heads=num_heads,
+        seq_q=prepared.seq_q,
+        seq_kv=prepared.seq_kv,
+        block_q=block_q,
+        block_kv=block_kv,
+        num_q_blocks=padded_q // block_q,
+    )
+
+
 def _list_spec(indices: jax.Array, counts: jax.Array) -> tuple[pl.BlockSpec, pl.BlockSpec]:
     """BlockSpecs of per-(b, h, row) block lists for a (row, b, h) grid (broadcast axes at 0)."""
     many_b = indices.shape[0] > 1
@@ -968,23 +984,14 @@ def forward(
     batch, num_heads, padded_q, _ = q.shape
     bq = _fit(config.block_q, prepared.seq_q)
     bk = _fit(config.block_kv, prepared.seq_kv)
-    classes = block_classes(
-        plan,
-        batch=batch,
-        num_heads=num_heads,
-        seq_q=prepared.seq_q,
-        seq_kv=prepared.seq_kv,
-        block_q=bq,
-        block_kv=bk,
-        num_q_blocks=padded_q // bq,
-    )
+    classes = prepared_classes(prepared, bq, bk)
     static = _Static(
         scale,
         num_heads // prepared.key.shape[1],
         bq,
         bk,
         matmul_precision(q.dtype),
-        ranged=CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan),
+        ranged=BLOCK_RANGES and full_blocks_consecutive(plan),
         stepped=config.key_step_blocks > 0,
     )
     if not static.stepped:

@@ -34,13 +34,13 @@ from ._pallas_flash import (
     _Plan,
     _Prepared,
     _Tile,
-    block_classes,
     dot_nn,
     dot_nt,
     dot_tn,
     full_blocks_consecutive,
     listed_block,
     matmul_precision,
+    prepared_classes,
     row_blocks,
 )
 
@@ -246,22 +246,7 @@ def row_terms(
 
 def _ranged(plan: _Plan) -> bool:
     # Block ranges along either axis (an interval mask's band is one interval in both).
-    return _pallas_flash.CONSECUTIVE_FULL_BLOCKS and full_blocks_consecutive(plan)
-
-
-def _classes(prepared: _Prepared, block_q: int, block_kv: int) -> jax.Array:
-    """The block classes of the prepared call at one kernel's tiles (query padding empty)."""
-    batch, num_heads, padded_q, _ = prepared.query.shape
-    return block_classes(
-        prepared.plan,
-        batch=batch,
-        num_heads=num_heads,
-        seq_q=prepared.seq_q,
-        seq_kv=prepared.seq_kv,
-        block_q=block_q,
-        block_kv=block_kv,
-        num_q_blocks=padded_q // block_q,
-    )
+    return _pallas_flash.BLOCK_RANGES and full_blocks_consecutive(plan)
 
 
 def dkv_call(
@@ -294,7 +279,7 @@ def dkv_call(
     bk = _fit(config.block_kv_dkv, seq_kv)
     num_kv_blocks = padded_kv // bk
     # Grid over key blocks; query blocks listed per key block (the transposed map).
-    classes_t = jnp.swapaxes(_classes(prepared, bq, bk), -1, -2)
+    classes_t = jnp.swapaxes(prepared_classes(prepared, bq, bk), -1, -2)
     if num_kv_blocks > classes_t.shape[2]:
         extra = num_kv_blocks - classes_t.shape[2]
         classes_t = jnp.pad(classes_t, ((0, 0), (0, 0), (0, extra), (0, 0)))
@@ -381,7 +366,7 @@ def dq_call(
     # Grid over query blocks, key blocks listed per query block.
     bq = _fit(config.block_q_dq, seq_q)
     bk = _fit(config.block_kv_dq, seq_kv)
-    indices, counts = row_blocks(_classes(prepared, bq, bk), _ranged(plan))
+    indices, counts = row_blocks(prepared_classes(prepared, bq, bk), _ranged(plan))
     many_b, many_h = indices.shape[0] > 1, indices.shape[1] > 1
 
     def row_map(i: Any, b: Any, h: Any) -> tuple[Any, ...]:

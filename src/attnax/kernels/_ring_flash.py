@@ -48,7 +48,7 @@ from ._common import (
     varying_axes,
 )
 
-__all__ = ["PairImpl", "cudnn_pairs_available", "exact_ring", "flash_ring"]
+__all__ = ["PairImpl", "check_pair_layout", "cudnn_pairs_available", "exact_ring", "flash_ring"]
 
 PairImpl: TypeAlias = Literal["cudnn", "xla"]
 
@@ -374,6 +374,12 @@ def _ring_backward(
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
+def check_pair_layout(name: str, causal: bool, layout: str) -> None:
+    """Causal pair schedules are planned for the contiguous and zigzag layouts only."""
+    if causal and layout not in ("contiguous", "zigzag"):
+        raise ValueError(f"{name}: causal pairs need layout contiguous or zigzag, got {layout}")
+
+
 # A ring's forward: (float32 output, natural log-sum-exp) of the local queries over every shard.
 RingForward: TypeAlias = Callable[[Array, Array, Array], tuple[Array, Array]]
 # A ring's backward: (q, k, v, out, lse, dO) -> (dQ, dK, dV).
@@ -422,8 +428,7 @@ def flash_ring(
     (``kv_heads`` dividing ``heads``), equal query and key shard lengths (even for zigzag),
     ``layout`` "contiguous" or "zigzag" when ``causal``.
     """
-    if causal and layout not in ("contiguous", "zigzag"):
-        raise ValueError(f"flash_ring: causal pairs need layout contiguous or zigzag, got {layout}")
+    check_pair_layout("flash_ring", causal, layout)
     cfg = _RingConfig(
         axis_name=axis_name,
         num_shards=num_shards,

@@ -42,7 +42,7 @@ from .._typing import ScoreMod
 from ._common import merge_partials, rotate_ring
 from ._pallas_flash import FlashConfig, default_config, forward, prepare
 from ._pallas_flash_vjp import dkv_call, dq_call, row_terms
-from ._ring_flash import exact_ring
+from ._ring_flash import check_pair_layout, exact_ring
 
 __all__ = ["pallas_ring", "pallas_ring_config"]
 
@@ -199,10 +199,7 @@ def pallas_ring(
     ``layout`` "contiguous" or "zigzag" when ``causal``. ``config`` defaults to
     :func:`pallas_ring_config` (pass one with ``interpret=True`` to run the kernels on CPU).
     """
-    if causal and layout not in ("contiguous", "zigzag"):
-        raise ValueError(
-            f"pallas_ring: causal pairs need layout contiguous or zigzag, got {layout}"
-        )
+    check_pair_layout("pallas_ring", causal, layout)
     ring = _Ring(
         axis_name=axis_name,
         num_shards=num_shards,
