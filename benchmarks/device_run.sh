@@ -299,6 +299,16 @@ ringpaired)
   # samples, where sequential medians put the 65536-token forward at 1.74-1.93x over three calls.
   timeout 300 python3 benchmarks/ring.py --lengths 65536,131072 --no-contiguous --no-tiles --paired 15 --budget 150 >"$OUT/ring_paired.log" 2>&1
   ;;
+ringprof)
+  # The default ring (seventh session): GPU tests; its parts, traces of the ring's and one GPU's
+  # forward with device time per call; then ring.py (10 calls per sample) with both pair kernels
+  # and interleaved ratios.
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  timeout 150 python3 benchmarks/ring_profile.py --seq 65536 >"$OUT/ring_profile.log" 2>&1
+  mv "$OUT/ring_profile_2xh100.json" "$OUT/ring_profile_65k.json"
+  (cd "$OUT" && tar czf traces_65k.tgz ./*_hlo.txt ./*_timeline.txt && rm ./*_hlo.txt ./*_timeline.txt)
+  timeout 330 python3 benchmarks/ring.py --lengths 65536,131072 --no-contiguous --no-tiles --pairs default,pallas --paired 7 --budget 250 >"$OUT/ring.log" 2>&1
+  ;;
 ring)
   timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1

@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import sample_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
+from _timing import median_seconds, sample_seconds  # benchmarks/_timing.py
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attnax._mods import causal_mod
@@ -54,15 +54,17 @@ START = time.perf_counter()
 rows: list[dict[str, Any]] = []
 
 
+# Calls per sample: dispatched back to back, one wait for the last (the timer every other
+# script here uses, NOTES "Timer change"). Until the seventh session this script waited for
+# every call, which put the host's round trip, larger for a program on two GPUs with a
+# conditional in it, into each figure.
+CALLS_PER_SAMPLE = 10
+
+
 def timed(fn: Callable[..., Any], *args: Any, n: int) -> float:
-    """Median milliseconds of ``n`` calls after one warm-up (compile) call."""
-    jax.block_until_ready(fn(*args))  # type: ignore[no-untyped-call]
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))  # type: ignore[no-untyped-call]
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """Median milliseconds per call over ``n`` samples of ``CALLS_PER_SAMPLE`` calls, after
+    one warm-up (compile) call."""
+    return median_seconds(fn, *args, samples=n, calls=CALLS_PER_SAMPLE) * 1e3
 
 
 def causal_flops(batch: int, heads: int, seq: int, head_dim: int, mode: str) -> float:
@@ -155,8 +157,8 @@ def paired_ratio(
             jax.block_until_ready(step(*step_args))  # type: ignore[no-untyped-call]
         ratios = []
         for _ in range(args.paired):
-            ring_s = sample_seconds(steps[0], ring_args, 3)
-            single_s = sample_seconds(steps[1], single_args, 3)
+            ring_s = sample_seconds(steps[0], ring_args, CALLS_PER_SAMPLE)
+            single_s = sample_seconds(steps[1], single_args, CALLS_PER_SAMPLE)
             ratios.append(single_s / ring_s)
         ordered = sorted(ratios)
         entry.update(single_over_ring=round(statistics.median(ratios), 3),

@@ -244,22 +244,39 @@ def _with_rows(array: Array, rows: slice, value: Array) -> Array:
 
 
 def _forward_step(
-    cfg: _RingConfig, earlier: Array, q: Array, k_s: Array, v_s: Array, out: Array, lse: Array
+    cfg: _RingConfig,
+    earlier: Array,
+    q: Array,
+    k_s: Array,
+    v_s: Array,
+    out: Array,
+    lse: Array,
+    out_dtype: jnp.dtype,
 ) -> tuple[Array, Array]:
-    """Merge the pair (local queries, visiting shard) into (out, lse)."""
+    """Merge the pair (local queries, visiting shard) into (out, lse); out in ``out_dtype``.
+
+    The merge reads ``out`` in whatever dtype it has and works in float32; the conversions in
+    and out happen inside the merge's fusion, where separate conversions of the whole output
+    cost 2 x 0.13 ms of the 14.3 ms forward at 65536 tokens on two H100s (NOTES, Ring).
+    """
     forward = _FORWARD[cfg.pair]
     seq = q.shape[2]
 
     def branch(block: _Block) -> Callable[[Array, Array, Array, Array], tuple[Array, Array]]:
         def run(out: Array, lse: Array, k_s: Array, v_s: Array) -> tuple[Array, Array]:
             if block is None:
-                return out, lse
+                return out.astype(out_dtype), lse
             rows, keys = block
             part = forward(
                 q[:, :, rows], k_s[:, :, keys], v_s[:, :, keys], causal=False, scale=cfg.scale
             )
-            merged, merged_lse = merge_partials(out[:, :, rows], lse[:, :, rows], *part)
-            return _with_rows(out, rows, merged), _with_rows(lse, rows, merged_lse)
+            merged, merged_lse = merge_partials(
+                out[:, :, rows].astype(jnp.float32), lse[:, :, rows], *part
+            )
+            return (
+                _with_rows(out.astype(out_dtype), rows, merged.astype(out_dtype)),
+                _with_rows(lse, rows, merged_lse),
+            )
 
         return run
 
@@ -267,16 +284,18 @@ def _forward_step(
 
 
 def _ring_forward(cfg: _RingConfig, q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+    """(output in the query's dtype, float32 log-sum-exp) of the local queries; partial
+    outputs are float32 between steps."""
     me = jax.lax.axis_index(cfg.axis_name)
     out, lse = _FORWARD[cfg.pair](q, k, v, causal=cfg.causal, scale=cfg.scale)
-    out = out.astype(jnp.float32)
     visiting = (k, v)
     for step in range(1, cfg.num_shards):
         # Device i now holds the shard of device (i - step) mod P, an earlier shard (j < i)
         # exactly when step <= i.
         visiting = rotate_ring(visiting, cfg.axis_name, cfg.num_shards)
         k_s, v_s = visiting
-        out, lse = _forward_step(cfg, me >= step, q, k_s, v_s, out, lse)
+        out_dtype = q.dtype if step == cfg.num_shards - 1 else jnp.dtype(jnp.float32)
+        out, lse = _forward_step(cfg, me >= step, q, k_s, v_s, out, lse, out_dtype)
     return out, lse
 
 
@@ -380,7 +399,8 @@ def check_pair_layout(name: str, causal: bool, layout: str) -> None:
         raise ValueError(f"{name}: causal pairs need layout contiguous or zigzag, got {layout}")
 
 
-# A ring's forward: (float32 output, natural log-sum-exp) of the local queries over every shard.
+# A ring's forward: (output, natural log-sum-exp) of the local queries over every shard; the
+# output in float32 or already in the query's dtype.
 RingForward: TypeAlias = Callable[[Array, Array, Array], tuple[Array, Array]]
 # A ring's backward: (q, k, v, out, lse, dO) -> (dQ, dK, dV).
 RingBackward: TypeAlias = Callable[[Array, Array, Array, Array, Array, Array], _Grads]
