@@ -205,10 +205,13 @@ def _fwd_tag(flash: FlashConfig) -> str:
 
 
 def _bwd_tag(flash: FlashConfig) -> str:
-    return (
+    tag = (
         f"dkv{flash.block_q_dkv}x{flash.block_kv_dkv} dq{flash.block_q_dq}x"
         f"{flash.block_kv_dq} w{flash.num_warps_bwd} s{flash.num_stages_bwd}"
     )
+    if flash.num_warps_dq is not None or flash.num_stages_dq is not None:
+        tag += f" dq:w{flash.num_warps_dq} s{flash.num_stages_dq}"
+    return tag
 
 
 def run_variants(
@@ -295,6 +298,35 @@ def backward_sweep(budget: float, second: bool = False) -> None:
     run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
 
 
+def backward_sweep3(budget: float, part: int) -> None:
+    """Seventh session: the dQ kernel's launch parameters apart from dK/dV's.
+
+    Every earlier backward sweep moved both kernels together, and larger tiles or 8 warps lost
+    2-8x through dK/dV's spills. dQ holds one (block_q_dq, D) float32 accumulator, so Flex's dQ
+    choice (128 query rows x 64 keys, 8 warps) may suit it while dK/dV keeps 64 x 64 at 4
+    warps; and 3 stages may help one kernel and hurt the other. ``part`` 0 and 1 split the
+    variants over two GPUs, each with the default as its baseline.
+    """
+    base: dict[str, Any] = dict(block_kv=64, wide_dq=False)  # the sweep chose wide_dq
+    variants = [
+        [
+            FlashConfig(**base),
+            FlashConfig(**base, num_stages_dq=3),
+            FlashConfig(**base, num_stages_bwd=3, num_stages_dq=2),
+            FlashConfig(**base, block_q_dkv=32),
+        ],
+        [
+            FlashConfig(**base),
+            FlashConfig(**base, block_q_dq=128, num_warps_dq=8),
+            FlashConfig(**base, block_q_dq=128, num_warps_dq=8, num_stages_dq=3),
+            FlashConfig(**base, block_q_dq=128, block_kv_dq=32, num_warps_dq=4),
+        ],
+    ][part]
+    names = ("B4 S4096 full", "B1 S16384 full", "B1 S16384 4docs")
+    chosen = [c for c in config_list() if c["name"] in names]
+    run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
@@ -302,6 +334,8 @@ def main() -> None:
     parser.add_argument("--bwd-sweep", action="store_true")
     parser.add_argument("--bwd-sweep2", action="store_true",
                         help="the sixth session's backward variants (longer steps)")
+    parser.add_argument("--bwd-sweep3", type=int, default=-1,
+                        help="the seventh session's dQ-apart variants, part 0 or 1")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
@@ -327,6 +361,8 @@ def main() -> None:
         sweep(args.budget)
     if args.bwd_sweep or args.bwd_sweep2:
         backward_sweep(args.budget, second=args.bwd_sweep2)
+    if args.bwd_sweep3 >= 0:
+        backward_sweep3(args.budget, args.bwd_sweep3)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:

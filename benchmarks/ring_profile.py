@@ -1,11 +1,14 @@
-"""Where the default ring's forward spends its time: its parts timed alone, and one trace.
+"""Where the default ring's forward spends its time: its parts timed alone, and traces.
 
 The zigzag ring's forward on two GPUs (B1, H16, D128, bf16, causal, total length T) is one
 diagonal pair (causal cuDNN on the T/2 local tokens), one K/V transfer that should overlap it,
 one off-diagonal pair (cuDNN, unmasked, T/2 x T/4 or T/4 x T/2) and a float32 merge. Its floor
-is the two pair kernels' time; this script measures that floor on one GPU, the ring itself and
-the single-GPU cuDNN call, interleaved, and writes a per-stream kernel timeline of a few ring
-steps from JAX's profiler so the gap (transfer, merge, copies, the conditional) can be named.
+is the two pair kernels' time. This script measures, in interleaved samples of 3 calls each:
+that floor on one GPU, the ring, and one GPU's cuDNN call on the whole sequence (forward and
+forward+backward). It then traces three forward calls of the ring and of the single GPU with
+JAX's profiler. It writes each GPU's per-stream kernel timeline and its device time per call,
+so the gap (transfer, merge, copies, the conditional) can be named; their ratio is the
+throughput ratio without host time.
 
 Usage (nvidia-h100-x2)::
 
@@ -55,7 +58,7 @@ def interleaved_ms(fns: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]], s
 
 
 def trace_timeline(
-    fn: Callable[..., Any], args: tuple[Any, ...], out_dir: str, tag: str
+    fn: Callable[..., Any], args: tuple[Any, ...], tag: str
 ) -> tuple[list[str], list[float]]:
     """Per-device, per-stream GPU events of three calls from a perfetto trace, as text lines,
     and each GPU's milliseconds per call (first event's start to last event's end, over 3)."""
@@ -163,7 +166,7 @@ def main() -> None:
             break
         fn, fn_args = fns[name]
         try:
-            lines, periods = trace_timeline(fn, fn_args, out_dir, name)
+            lines, periods = trace_timeline(fn, fn_args, name)
             if periods:
                 report[f"{name}_device_ms_per_call"] = periods
         except Exception as error:  # noqa: BLE001 - the timings above stand without a trace

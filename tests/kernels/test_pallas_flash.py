@@ -21,10 +21,13 @@ from attnax.kernels._pallas_flash import (
     block_classes,
     block_lists,
     block_ranges,
+    default_config,
     flash_attention_with_config,
     full_blocks_consecutive,
     pallas_flash_attention,
+    prepare,
 )
+from attnax.kernels._pallas_flash_vjp import dq_launch
 from attnax.kernels._standard import standard_attention
 from tests._reference import output_and_vjp, random_qkv, reference_attention, relative_error
 
@@ -133,6 +136,66 @@ def test_runs_of_full_blocks_in_every_kernel(window: int | None) -> None:
         num_kv_heads=2,
         block_q=32,
         block_kv=32,
+    )
+
+
+@pytest.mark.parametrize(
+    ("score_mod", "seq", "head_dim", "dtype", "wide_dq", "expected_rows"),
+    [
+        (None, 256, 128, jnp.bfloat16, True, 128),
+        ("causal", 256, 96, jnp.float16, True, 128),  # head_dim 96 pads to 128
+        ("causal", 256, 64, jnp.bfloat16, True, 64),  # head_dim 64: the configured tile
+        ("causal", 256, 256, jnp.bfloat16, True, 64),  # head_dim 256: the configured tile
+        ("causal", 256, 128, jnp.float32, True, 64),  # float32 tiles: shared memory
+        ("bias", 256, 128, jnp.bfloat16, True, 64),  # a bias tile: left out as a precaution
+        ("causal", 256, 128, jnp.bfloat16, False, 64),  # switched off
+        ("causal", 190, 128, jnp.bfloat16, True, 64),  # a padding of 192: no whole wide tiles
+        ("causal", 100, 128, jnp.bfloat16, True, 128),  # one wide tile over 128 padded rows
+        ("causal", 60, 128, jnp.bfloat16, True, 64),  # shorter than a wide tile
+        ("documents", 256, 128, jnp.bfloat16, True, 64),  # block lists keep 64-row tiles
+    ],
+)
+def test_wide_dq_tiles_only_where_chosen(
+    score_mod: str | None, seq: int, head_dim: int, dtype: Any, wide_dq: bool,
+    expected_rows: int,
+) -> None:
+    """FlashConfig.wide_dq's 128-row dQ tiles go to 2-byte interval-mask calls without a bias
+    whose padding holds them; every other call keeps the configured tile. (The wide tiles'
+    values are checked by the kernel tests at 256 tokens and on the GPU.)"""
+    q, k, v = random_qkv(5, batch=1, num_heads=2, num_kv_heads=2, seq_q=seq, seq_kv=seq,
+                         head_dim=head_dim, dtype=dtype)
+    mod: Any = {
+        None: None,
+        "causal": mods.causal_mod(),
+        "bias": mods.additive_bias_mod(jnp.ones((1, 2, seq, seq), jnp.bfloat16)),
+        "documents": mods.document_mask_mod(jnp.zeros((1, seq), jnp.int32)),
+    }[score_mod]
+    config = FlashConfig(block_q=16, block_kv=16, wide_dq=wide_dq, interpret=True)
+    rows, _, _ = dq_launch(config, prepare(config, q, k, v, None, mod))
+    assert rows == expected_rows
+
+
+@pytest.mark.parametrize("window", [None, 80])
+def test_wide_dq_tiles_bf16(window: int | None) -> None:
+    # bf16 at 256 tokens: the dQ kernel takes FlashConfig.wide_dq's 128-row tiles (asserted),
+    # two per head, over several key blocks; values and gradients against float64.
+    score_mod = mods.causal_mod() if window is None else mods.sliding_window_mod(window)
+    q, k, v = random_qkv(10, batch=1, num_heads=4, num_kv_heads=2, seq_q=256, seq_kv=256,
+                         head_dim=128, dtype=jnp.bfloat16)
+    config = default_config(128, 32, 32, True)
+    assert dq_launch(config, prepare(config, q, k, v, None, score_mod))[0] == 128
+    _check(
+        seed=10,
+        score_mod_of=lambda: score_mod,
+        batch=1,
+        seq_q=256,
+        seq_kv=256,
+        head_dim=128,
+        block_q=32,
+        block_kv=32,
+        dtype=jnp.bfloat16,
+        value_tol=2e-2,
+        grad_tol=2e-2,
     )
 
 

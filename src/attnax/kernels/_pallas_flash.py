@@ -108,6 +108,17 @@ class FlashConfig:
     num_stages: int = 2
     num_warps_bwd: int | None = 4
     num_stages_bwd: int = 2
+    # The dQ kernel's own launch parameters; None: the dK/dV kernel's (the two above). Its one
+    # (block_q_dq, D) float32 accumulator leaves more registers than dK/dV's two.
+    num_warps_dq: int | None = None
+    num_stages_dq: int | None = None
+    # Interval masks (block ranges), bf16/fp16, no bias operand, head_dim padded to 128, query
+    # padding a multiple of 128: the dQ kernel takes 128-row query tiles with 8 warps and 3
+    # stages (FlexAttention's H100 dQ choice) in place of block_q_dq and the launch parameters
+    # above (``_pallas_flash_vjp.dq_launch``). On an H100 (NOTES, "backward sweep 3") that
+    # took 3% off full attention's forward+backward; documents (block lists) lost 2.7% with it
+    # and keep 64-row tiles.
+    wide_dq: bool = True
     interpret: bool = False
     # 0: one kernel walks every key block of a query block with its softmax state in
     # registers (PALLAS_FLASH). n > 0: an XLA scan over steps of n key blocks, one kernel per

@@ -44,7 +44,7 @@ from ._pallas_flash import (
     row_blocks,
 )
 
-__all__ = ["backward", "dkv_call", "dq_call", "row_terms"]
+__all__ = ["backward", "dkv_call", "dq_call", "dq_launch", "row_terms"]
 
 
 def _scores_and_vjp(
@@ -340,6 +340,38 @@ def dkv_call(
     return d_key, d_value
 
 
+# FlashConfig.wide_dq's launch: (query rows, warps, stages).
+_WIDE_DQ = (128, 8, 3)
+
+
+def dq_launch(config: FlashConfig, prepared: _Prepared) -> tuple[int, int | None, int]:
+    """The dQ kernel's (query tile, warps, stages): ``FlashConfig.wide_dq``'s for interval
+    masks on 2-byte inputs without bias operands, head_dim padded to 128 (where it was
+    measured; Flex itself keeps 64-row dQ tiles at head_dim 64), where the padding already
+    holds whole 128-row tiles; else the configured ones.
+
+    The wide tile with three stages is sized for bf16/fp16 tiles: a GPU test with float32
+    tiles and a float32 bias tile beside them failed to compile with it (the H100's shared
+    memory). A bias operand is left out in bf16 too, as a precaution: not measured.
+    """
+    q = prepared.query
+    padded_q, padded_d = q.shape[2], q.shape[3]
+    rows = _WIDE_DQ[0]
+    if (
+        config.wide_dq
+        and _ranged(prepared.plan)
+        and not prepared.plan.bias_slots
+        and jnp.dtype(q.dtype).itemsize <= 2
+        and padded_d == 128
+        and _fit(rows, prepared.seq_q) == rows
+        and padded_q % rows == 0
+    ):
+        return _WIDE_DQ
+    warps = config.num_warps_bwd if config.num_warps_dq is None else config.num_warps_dq
+    stages = config.num_stages_bwd if config.num_stages_dq is None else config.num_stages_dq
+    return _fit(config.block_q_dq, prepared.seq_q), warps, stages
+
+
 def dq_call(
     config: FlashConfig,
     prepared: _Prepared,
@@ -364,7 +396,7 @@ def dq_call(
     seq_q, seq_kv = prepared.seq_q, prepared.seq_kv
     group = num_heads // num_kv_heads
     # Grid over query blocks, key blocks listed per query block.
-    bq = _fit(config.block_q_dq, seq_q)
+    bq, num_warps, num_stages = dq_launch(config, prepared)
     bk = _fit(config.block_kv_dq, seq_kv)
     indices, counts = row_blocks(prepared_classes(prepared, bq, bk), _ranged(plan))
     many_b, many_h = indices.shape[0] > 1, indices.shape[1] > 1
@@ -422,7 +454,7 @@ def dq_call(
             operands, (q.shape, dq_dtype), *((z.shape, z.dtype) for z in zeros)
         ),
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(config.num_warps_bwd, config.num_stages_bwd, padded_d),
+        compiler_params=_compiler_params(num_warps, num_stages, padded_d),
         interpret=config.interpret,
         name="attnax_flash_dq",
     )(*operands, *extra)
