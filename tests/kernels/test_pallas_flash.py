@@ -123,19 +123,37 @@ def test_full_mqa_mixed_blocks() -> None:
 
 
 @pytest.mark.parametrize("window", [None, 80])
-def test_runs_of_full_blocks_in_every_kernel(window: int | None) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "head_dim", "dq_rows", "tol"),
+    [
+        (jnp.float32, 16, 64, 1e-5),
+        # bf16 at head_dim 128: the dQ kernel takes FlashConfig.wide_dq's 128-row tiles, two
+        # per head, over several key blocks.
+        (jnp.bfloat16, 128, 128, 2e-2),
+    ],
+)
+def test_runs_of_full_blocks_in_every_kernel(
+    window: int | None, dtype: Any, head_dim: int, dq_rows: int, tol: float
+) -> None:
     # Long enough for several full blocks per row and per column in all three kernels (the
     # backward's 64-row tiles too), which they step through by arithmetic.
     score_mod = mods.causal_mod() if window is None else mods.sliding_window_mod(window)
+    q, k, v = random_qkv(9, batch=2, num_heads=4, num_kv_heads=2, seq_q=256, seq_kv=256,
+                         head_dim=head_dim, dtype=dtype)
+    config = default_config(head_dim, 32, 32, True)
+    assert dq_launch(config, prepare(config, q, k, v, None, score_mod))[0] == dq_rows
     _check(
         seed=9,
         score_mod_of=lambda: score_mod,
         seq_q=256,
         seq_kv=256,
-        head_dim=16,
+        head_dim=head_dim,
         num_kv_heads=2,
         block_q=32,
         block_kv=32,
+        dtype=dtype,
+        value_tol=tol,
+        grad_tol=tol,
     )
 
 
@@ -161,7 +179,7 @@ def test_wide_dq_tiles_only_where_chosen(
 ) -> None:
     """FlashConfig.wide_dq's 128-row dQ tiles go to 2-byte interval-mask calls without a bias
     whose padding holds them; every other call keeps the configured tile. (The wide tiles'
-    values are checked by the kernel tests at 256 tokens and on the GPU.)"""
+    values: test_runs_of_full_blocks_in_every_kernel in bf16, and the GPU tests.)"""
     q, k, v = random_qkv(5, batch=1, num_heads=2, num_kv_heads=2, seq_q=seq, seq_kv=seq,
                          head_dim=head_dim, dtype=dtype)
     mod: Any = {
@@ -173,30 +191,6 @@ def test_wide_dq_tiles_only_where_chosen(
     config = FlashConfig(block_q=16, block_kv=16, wide_dq=wide_dq, interpret=True)
     rows, _, _ = dq_launch(config, prepare(config, q, k, v, None, mod))
     assert rows == expected_rows
-
-
-@pytest.mark.parametrize("window", [None, 80])
-def test_wide_dq_tiles_bf16(window: int | None) -> None:
-    # bf16 at 256 tokens: the dQ kernel takes FlashConfig.wide_dq's 128-row tiles (asserted),
-    # two per head, over several key blocks; values and gradients against float64.
-    score_mod = mods.causal_mod() if window is None else mods.sliding_window_mod(window)
-    q, k, v = random_qkv(10, batch=1, num_heads=4, num_kv_heads=2, seq_q=256, seq_kv=256,
-                         head_dim=128, dtype=jnp.bfloat16)
-    config = default_config(128, 32, 32, True)
-    assert dq_launch(config, prepare(config, q, k, v, None, score_mod))[0] == 128
-    _check(
-        seed=10,
-        score_mod_of=lambda: score_mod,
-        batch=1,
-        seq_q=256,
-        seq_kv=256,
-        head_dim=128,
-        block_q=32,
-        block_kv=32,
-        dtype=jnp.bfloat16,
-        value_tol=2e-2,
-        grad_tol=2e-2,
-    )
 
 
 def test_sliding_window_with_alibi() -> None:

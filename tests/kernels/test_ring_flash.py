@@ -90,6 +90,15 @@ def test_schedule_matches_standard(
         assert relative_error(g, w) < 2e-5, name
 
 
+def test_causal_pairs_refuse_an_unplanned_layout() -> None:
+    q, k, v = random_qkv(13, num_heads=4, num_kv_heads=2, seq_q=16, head_dim=8)
+    with pytest.raises(ValueError, match="causal pairs need layout contiguous or zigzag, got striped"):
+        _ring_flash.flash_ring(
+            q, k, v, axis_name="ring", num_shards=2, layout="striped", causal=True,
+            scale=8**-0.5, pair="xla",
+        )
+
+
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_bf16_accumulators(num_shards: int) -> None:
     """bf16 inputs: on 2 devices dK/dV travel in bf16 (exact there), on more in float32."""

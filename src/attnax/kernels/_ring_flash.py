@@ -31,9 +31,8 @@ the same inputs and outputs, used to test the ring schedule on CPU).
 """
 
 import dataclasses
-import functools
 from collections.abc import Callable, Hashable
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -48,21 +47,45 @@ from ._common import (
     varying_axes,
 )
 
-__all__ = ["PairImpl", "check_pair_layout", "cudnn_pairs_available", "exact_ring", "flash_ring"]
+__all__ = [
+    "PairImpl",
+    "PairRing",
+    "cudnn_pairs_available",
+    "exact_ring",
+    "flash_ring",
+]
 
 PairImpl: TypeAlias = Literal["cudnn", "xla"]
+RingT = TypeVar("RingT", bound="PairRing")
 
 # (out, lse) of one pair: out (B, H, Tq, D) in the input dtype, lse (B, H, Tq) float32.
 _PairOut: TypeAlias = tuple[Array, Float[Array, "B H T"]]
 
 
 @dataclasses.dataclass(frozen=True)
-class _RingConfig:
+class PairRing:
+    """The schedule every pair ring shares (this module's and :mod:`._ring_pallas`'s).
+
+    Causal pair schedules are planned for the contiguous and zigzag layouts only; any layout
+    serves without a mask.
+    """
+
     axis_name: Hashable
     num_shards: int
-    layout: str  # "contiguous" | "zigzag" (any layout when not causal)
+    layout: str
     causal: bool
     scale: float
+
+    def __post_init__(self) -> None:
+        if self.causal and self.layout not in ("contiguous", "zigzag"):
+            raise ValueError(
+                f"{type(self).__name__}: causal pairs need layout contiguous or zigzag, "
+                f"got {self.layout}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class _RingConfig(PairRing):
     pair: PairImpl
 
 
@@ -393,41 +416,41 @@ def _ring_backward(
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def check_pair_layout(name: str, causal: bool, layout: str) -> None:
-    """Causal pair schedules are planned for the contiguous and zigzag layouts only."""
-    if causal and layout not in ("contiguous", "zigzag"):
-        raise ValueError(f"{name}: causal pairs need layout contiguous or zigzag, got {layout}")
-
-
-# A ring's forward: (output, natural log-sum-exp) of the local queries over every shard; the
-# output in float32 or already in the query's dtype.
-RingForward: TypeAlias = Callable[[Array, Array, Array], tuple[Array, Array]]
-# A ring's backward: (q, k, v, out, lse, dO) -> (dQ, dK, dV).
-RingBackward: TypeAlias = Callable[[Array, Array, Array, Array, Array, Array], _Grads]
+# A pair ring's forward: (output, natural log-sum-exp) of the local queries over every shard,
+# the output in float32 or already in the query's dtype; its backward: (q, k, v, out, lse, dO)
+# -> (dQ, dK, dV).
+RingForward: TypeAlias = Callable[[RingT, Array, Array, Array], tuple[Array, Array]]
+RingBackward: TypeAlias = Callable[[RingT, Array, Array, Array, Array, Array, Array], _Grads]
 
 
 def exact_ring(
-    forward: RingForward, backward: RingBackward
-) -> Callable[[Array, Array, Array], Array]:
-    """The ring as a function of (q, k, v) with a custom VJP: ``forward`` runs it and saves the
-    output (in the query's dtype) and the log-sum-exp, which ``backward`` takes."""
+    ring: RingT,
+    forward: RingForward[RingT],
+    backward: RingBackward[RingT],
+    query: Array,
+    key: Array,
+    value: Array,
+) -> Array:
+    """A pair ring on (query, key, value), with a custom VJP: ``forward(ring, q, k, v)`` runs
+    it and saves the output (in the query's dtype) and the log-sum-exp, which
+    ``backward(ring, q, k, v, out, lse, dO)`` takes."""
 
     @jax.custom_vjp
-    def ring(q: Array, k: Array, v: Array) -> Array:
-        out, _ = forward(q, k, v)
+    def attend(q: Array, k: Array, v: Array) -> Array:
+        out, _ = forward(ring, q, k, v)
         return out.astype(q.dtype)
 
     def fwd(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
-        out, lse = forward(q, k, v)
+        out, lse = forward(ring, q, k, v)
         out = out.astype(q.dtype)
         return out, (q, k, v, out, lse)
 
     def bwd(res: tuple[Array, ...], d_out: Array) -> _Grads:
         q, k, v, out, lse = res
-        return backward(q, k, v, out, lse, d_out)
+        return backward(ring, q, k, v, out, lse, d_out)
 
-    ring.defvjp(fwd, bwd)
-    return ring
+    attend.defvjp(fwd, bwd)
+    return attend(query, key, value)
 
 
 def flash_ring(
@@ -448,16 +471,5 @@ def flash_ring(
     (``kv_heads`` dividing ``heads``), equal query and key shard lengths (even for zigzag),
     ``layout`` "contiguous" or "zigzag" when ``causal``.
     """
-    check_pair_layout("flash_ring", causal, layout)
-    cfg = _RingConfig(
-        axis_name=axis_name,
-        num_shards=num_shards,
-        layout=layout,
-        causal=causal,
-        scale=scale,
-        pair=pair,
-    )
-    ring = exact_ring(
-        functools.partial(_ring_forward, cfg), functools.partial(_ring_backward, cfg)
-    )
-    return ring(query, key, value)
+    cfg = _RingConfig(axis_name, num_shards, layout, causal, scale, pair)
+    return exact_ring(cfg, _ring_forward, _ring_backward, query, key, value)

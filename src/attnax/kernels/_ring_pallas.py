@@ -29,7 +29,6 @@ these pairs only when asked (``fused_pairs="pallas"``).
 """
 
 import dataclasses
-import functools
 import math
 from collections.abc import Hashable
 
@@ -42,7 +41,7 @@ from .._typing import ScoreMod
 from ._common import merge_partials, rotate_ring
 from ._pallas_flash import FlashConfig, default_config, forward, prepare
 from ._pallas_flash_vjp import dkv_call, dq_call, row_terms
-from ._ring_flash import check_pair_layout, exact_ring
+from ._ring_flash import PairRing, exact_ring
 
 __all__ = ["pallas_ring", "pallas_ring_config"]
 
@@ -57,12 +56,7 @@ def pallas_ring_config(head_dim: int, *, interpret: bool = False) -> FlashConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class _Ring:
-    axis_name: Hashable
-    num_shards: int
-    layout: str  # "contiguous" | "zigzag" (any layout when not causal)
-    causal: bool
-    scale: float
+class _Ring(PairRing):
     config: FlashConfig
 
 
@@ -199,16 +193,7 @@ def pallas_ring(
     ``layout`` "contiguous" or "zigzag" when ``causal``. ``config`` defaults to
     :func:`pallas_ring_config` (pass one with ``interpret=True`` to run the kernels on CPU).
     """
-    check_pair_layout("pallas_ring", causal, layout)
     ring = _Ring(
-        axis_name=axis_name,
-        num_shards=num_shards,
-        layout=layout,
-        causal=causal,
-        scale=scale,
-        config=config or pallas_ring_config(query.shape[-1]),
+        axis_name, num_shards, layout, causal, scale, config or pallas_ring_config(query.shape[-1])
     )
-    attend = exact_ring(
-        functools.partial(_ring_forward, ring), functools.partial(_ring_backward, ring)
-    )
-    return attend(query, key, value)
+    return exact_ring(ring, _ring_forward, _ring_backward, query, key, value)
