@@ -23,11 +23,12 @@ from attnax.kernels._pallas_flash import (
     block_ranges,
     default_config,
     flash_attention_with_config,
+    forward_stages,
     full_blocks_consecutive,
     pallas_flash_attention,
     prepare,
 )
-from attnax.kernels._pallas_flash_vjp import dq_launch
+from attnax.kernels._pallas_flash_vjp import backward_stages, dq_launch
 from attnax.kernels._standard import standard_attention
 from tests._reference import output_and_vjp, random_qkv, reference_attention, relative_error
 
@@ -191,6 +192,55 @@ def test_wide_dq_tiles_only_where_chosen(
     config = FlashConfig(block_q=16, block_kv=16, wide_dq=wide_dq, interpret=True)
     rows, _, _ = dq_launch(config, prepare(config, q, k, v, None, mod))
     assert rows == expected_rows
+
+
+@pytest.mark.parametrize(
+    ("score_mod", "head_dim", "dtype", "expected"),
+    [
+        ("documents", 128, jnp.bfloat16, 3),
+        ("documents", 96, jnp.float16, 3),  # head_dim 96 pads to 128
+        ("custom", 128, jnp.bfloat16, 3),  # a callable mask: block lists too
+        ("documents", 64, jnp.bfloat16, 2),  # not measured at head_dim 64
+        ("documents", 128, jnp.float32, 2),  # float32 tiles: shared memory
+        ("documents+bias", 128, jnp.bfloat16, 2),  # a plane tile per stage
+        ("dense", 128, jnp.bfloat16, 2),  # likewise
+        ("causal", 128, jnp.bfloat16, 2),  # block ranges keep two
+        (None, 128, jnp.bfloat16, 2),
+    ],
+)
+def test_listed_stages_only_where_chosen(
+    score_mod: str | None, head_dim: int, dtype: Any, expected: int
+) -> None:
+    seq = 96
+    q, k, v = random_qkv(6, batch=1, num_heads=2, num_kv_heads=2, seq_q=seq, seq_kv=seq,
+                         head_dim=head_dim, dtype=dtype)
+    documents = mods.document_mask_mod(jnp.zeros((1, seq), jnp.int32))
+    mod: Any = {
+        None: None,
+        "causal": mods.causal_mod(),
+        "documents": documents,
+        "custom": mods.mask_mod_to_score_mod(lambda b, h, qi, ki: (qi // 7) >= (ki // 7)),
+        "documents+bias": mods.compose_score_mods(
+            mods.additive_bias_mod(jnp.ones((1, 2, seq, seq), jnp.bfloat16)), documents
+        ),
+        "dense": None,
+    }[score_mod]
+    mask = jnp.tril(jnp.ones((seq, seq), bool))[None, None] if score_mod == "dense" else None
+    config = FlashConfig(block_q=16, block_kv=16, interpret=True)
+    prepared = prepare(config, q, k, v, mask, mod)
+    ranged = full_blocks_consecutive(prepared.plan)
+    assert forward_stages(config, prepared, ranged) == expected
+    # Both backward kernels: dK/dV's stages, and dQ's launch where rows keep lists (interval
+    # masks take the wide dQ tile's own three stages).
+    assert backward_stages(config, prepared, 2) == expected
+    if not ranged:
+        assert dq_launch(config, prepared)[1:] == (4, expected)
+    off = FlashConfig(
+        block_q=16, block_kv=16, interpret=True, num_stages_listed=None,
+        num_stages_bwd_listed=None,
+    )
+    assert forward_stages(off, prepared, ranged) == 2
+    assert backward_stages(off, prepared, 2) == 2
 
 
 def test_sliding_window_with_alibi() -> None:
@@ -577,6 +627,22 @@ def test_gpu_documents_softcap_float32() -> None:
     ids = jnp.asarray(np.repeat(np.arange(4), [300, 500, 200, 24])[None].repeat(2, 0))
     score_mod = mods.compose_score_mods(mods.softcap_mod(20.0), mods.document_mask_mod(ids))
     _gpu_case(score_mod, seq=1024, dtype=jnp.float32, num_kv_heads=1, head_dim=64)
+
+
+@pytest.mark.gpu
+def test_gpu_documents_bfloat16_three_forward_stages() -> None:
+    # Block lists on bf16 at head_dim 128: all three kernels pipeline three stages
+    # (FlashConfig.num_stages_listed, num_stages_bwd_listed), and the dK/dV kernel walks the
+    # transposed lists.
+    ids = jnp.asarray(np.repeat(np.arange(3), [700, 900, 448])[None].repeat(2, 0))
+    score_mod = mods.document_mask_mod(ids)
+    q, k, v = random_qkv(23, num_heads=8, num_kv_heads=2, seq_q=2048, head_dim=128,
+                         dtype=jnp.bfloat16)
+    config = default_config(128, 128, 128, False)
+    prepared = prepare(config, q, k, v, None, score_mod)
+    assert forward_stages(config, prepared, ranged=False) == 3
+    assert backward_stages(config, prepared, 2) == 3
+    _gpu_case(score_mod, seq=2048, dtype=jnp.bfloat16, num_kv_heads=2, head_dim=128)
 
 
 @pytest.mark.gpu

@@ -106,6 +106,16 @@ class FlashConfig:
     block_kv_dq: int = 64
     num_warps: int | None = None
     num_stages: int = 2
+    # The forward's stages where rows keep block lists (documents, custom masks) on 2-byte
+    # inputs at head_dim padded to 128 without plane operands (``deep_list_pipeline``);
+    # None: ``num_stages`` everywhere. On an H100 three stages took 6% off the 4-document
+    # forward and cost 8-12% on full and causal attention (block ranges), which keep two
+    # (NOTES, "Eighth session").
+    num_stages_listed: int | None = 3
+    # The same for both backward kernels (``_pallas_flash_vjp.backward_stages``; None: their
+    # configured stages): -2.2% and -2.8% on the documents' forward+backward in an
+    # interleaved A/B on an H100.
+    num_stages_bwd_listed: int | None = 3
     num_warps_bwd: int | None = 4
     num_stages_bwd: int = 2
     # The dQ kernel's own launch parameters; None: the dK/dV kernel's (the two above). Its one
@@ -119,6 +129,9 @@ class FlashConfig:
     # took 3% off full attention's forward+backward; documents (block lists) lost 2.7% with it
     # and keep 64-row tiles.
     wide_dq: bool = True
+    # The dK/dV kernel's score tiles as (keys, queries): no register tile is transposed before
+    # its two matmuls (False: the (queries, keys) form, kept to measure against).
+    transposed_dkv: bool = True
     interpret: bool = False
     # 0: one kernel walks every key block of a query block with its softmax state in
     # registers (PALLAS_FLASH). n > 0: an XLA scan over steps of n key blocks, one kernel per
@@ -244,7 +257,13 @@ def _partition(tree: Any) -> tuple[tuple[jax.Array, ...], _StaticMod]:
 
 
 class _Tile:
-    """What the traced mods see inside a kernel: program scalars, tile indices, operand refs."""
+    """What the traced mods see inside a kernel: program scalars, tile indices, operand refs.
+
+    A tile is (queries, keys), or (keys, queries) when ``transposed`` (the dK/dV kernel's
+    scores, so that no register tile is transposed before its matmuls). The mods are
+    element-wise over broadcast index arrays, so they trace the same either way; only the
+    index arrays and the operand tiles here know the orientation.
+    """
 
     def __init__(
         self,
@@ -256,6 +275,7 @@ class _Tile:
         kv_start: Any,
         block_q: int,
         block_kv: int,
+        transposed: bool = False,
     ) -> None:
         self.refs = refs
         self.b = b
@@ -264,26 +284,44 @@ class _Tile:
         self.kv_start = kv_start
         self.block_q = block_q
         self.block_kv = block_kv
-        self.q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-        self.kv_idx = kv_start + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+        self.transposed = transposed
+        q_axis = 1 if transposed else 0
+        self.q_idx = q_start + jax.lax.broadcasted_iota(
+            jnp.int32, self._oriented(block_q, 1), q_axis
+        )
+        self.kv_idx = kv_start + jax.lax.broadcasted_iota(
+            jnp.int32, self._oriented(1, block_kv), 1 - q_axis
+        )
+
+    def _oriented(self, rows: int, cols: int) -> tuple[int, int]:
+        # A (query, key) shape in this tile's orientation.
+        return (cols, rows) if self.transposed else (rows, cols)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._oriented(self.block_q, self.block_kv)
 
     def scalar(self, slot: int) -> Any:
         return self.refs[slot][0]
 
     def q_row(self, slot: int) -> Any:
-        return self.refs[slot][pl.ds(self.q_start, self.block_q)][:, None]
+        row = self.refs[slot][pl.ds(self.q_start, self.block_q)]
+        return row[None, :] if self.transposed else row[:, None]
 
     def kv_row(self, slot: int) -> Any:
-        return self.refs[slot][pl.ds(self.kv_start, self.block_kv)][None, :]
+        row = self.refs[slot][pl.ds(self.kv_start, self.block_kv)]
+        return row[:, None] if self.transposed else row[None, :]
 
     def plane(self, slot: int) -> Any:
-        """A (bq | 1, bk | 1) tile of a (#H, Tp | 1, Sp | 1) plane (bias or dense mask)."""
+        """A (bq | 1, bk | 1) tile of a (#H, Tp | 1, Sp | 1) plane (bias or dense mask), in
+        this tile's orientation."""
         ref = self.refs[slot]
         num_h, len_q, len_kv = ref.shape
         h = self.h if num_h > 1 else 0
         rows = pl.ds(self.q_start, self.block_q) if len_q > 1 else pl.ds(0, 1)
         cols = pl.ds(self.kv_start, self.block_kv) if len_kv > 1 else pl.ds(0, 1)
-        return ref[h, rows, cols]
+        block = ref[h, rows, cols]
+        return block.T if self.transposed else block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -529,9 +567,8 @@ class _Plan:
     padded_kv: int
 
     def load_biases(self, tile: _Tile) -> tuple[Any, ...]:
-        shape = (tile.block_q, tile.block_kv)
         return tuple(
-            jnp.broadcast_to(tile.plane(slot).astype(jnp.float32), shape)
+            jnp.broadcast_to(tile.plane(slot).astype(jnp.float32), tile.shape)
             for slot in self.bias_slots
         )
 
@@ -735,7 +772,7 @@ class _Static:
     block_q: int
     block_kv: int
     precision: Any
-    # Rows are described by block ranges, not lists (row_blocks, listed_block).
+    # Rows are described by block ranges, not lists (row_blocks, walk_row).
     ranged: bool = False
     # The forward kernel reads and writes the running softmax state instead of starting from
     # nothing and normalising (FlashConfig.key_step_blocks > 0).
@@ -762,19 +799,10 @@ def _interval_mask(mask_mod: Any) -> bool:
     return False
 
 
-def listed_block(
-    index_at: Callable[[Any], Any], n_partial: Any, ranged: bool
-) -> Callable[[Any, bool], Any]:
-    """``block(j, masked)``: the block index at position ``j`` of a row's walk.
-
-    The walk visits ``n_partial`` partial blocks, then the full ones. With lists
-    (:func:`block_lists`) position ``j`` is read from the row's list; with ranges
-    (:func:`block_ranges`, ``ranged``) it is arithmetic on the row's four bounds, so neither
-    loop loads an index per block.
-    """
-    if not ranged:
-        return lambda j, masked: index_at(j)
-    first, first_full, end_full = index_at(0), index_at(1), index_at(2)
+def _range_block(bound_at: Callable[[Any], Any], n_partial: Any) -> Callable[[Any, bool], Any]:
+    """``block(j, masked)`` of a row given by its four bounds (:func:`block_ranges`):
+    arithmetic, no index load per block."""
+    first, first_full, end_full = bound_at(0), bound_at(1), bound_at(2)
     left = first_full - first  # partial blocks before the full ones
 
     def block(j: Any, masked: bool) -> Any:
@@ -783,6 +811,33 @@ def listed_block(
         return first_full + (j - n_partial)
 
     return block
+
+
+def walk_row(
+    step: Callable[[Any, Any, bool], Any],
+    carry: Any,
+    *,
+    index_at: Callable[[Any], Any],
+    count_at: Callable[[Any], Any],
+    ranged: bool,
+) -> Any:
+    """Run ``step(block, carry, masked)`` over a row's partial blocks (``masked``) and then
+    its full ones, returning the carry.
+
+    ``index_at(j)`` reads the row's table and ``count_at(i)`` its two counts
+    (:func:`row_blocks`). With ranges (``ranged``) the table is the row's four bounds and the
+    block at each step is arithmetic; with lists it is read from the row's list.
+    """
+    n_partial, n_full = count_at(0), count_at(1)
+
+    def listed(j: Any, masked: bool) -> Any:
+        return index_at(j)
+
+    block = _range_block(index_at, n_partial) if ranged else listed
+    carry = jax.lax.fori_loop(0, n_partial, lambda j, c: step(block(j, True), c, True), carry)
+    return jax.lax.fori_loop(
+        n_partial, n_partial + n_full, lambda j, c: step(block(j, False), c, False), carry
+    )
 
 
 def full_blocks_consecutive(plan: "_Plan") -> bool:
@@ -814,13 +869,9 @@ def _forward_kernel(
     q = q_ref[...]
     head_dim = q.shape[-1]
 
-    n_partial = cnt_ref[0]
-    n_full = cnt_ref[1]
-    block = listed_block(lambda j: idx_ref[j], n_partial, static.ranged)
-
-    def step(j: Any, carry: Any, masked: bool) -> Any:
+    def step(kv_block: Any, carry: Any, masked: bool) -> Any:
         acc, m_prev, l_prev = carry
-        kv_start = block(j, masked) * bk
+        kv_start = kv_block * bk
         k = k_ref[pl.ds(kv_start, bk), :]
         v = v_ref[pl.ds(kv_start, bk), :]
         tile = _Tile(
@@ -851,9 +902,12 @@ def _forward_kernel(
         return acc, m_next, l_next
 
     def walk(carry: Any) -> Any:
-        carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
-        return jax.lax.fori_loop(
-            n_partial, n_partial + n_full, functools.partial(step, masked=False), carry
+        return walk_row(
+            step,
+            carry,
+            index_at=lambda j: idx_ref[j],
+            count_at=lambda i: cnt_ref[i],
+            ranged=static.ranged,
         )
 
     if static.stepped:
@@ -861,7 +915,7 @@ def _forward_kernel(
 
         # The state buffers are aliased in place: a query block this step cannot see keeps
         # its state without being read or written.
-        @pl.when(n_partial + n_full > 0)
+        @pl.when(cnt_ref[0] + cnt_ref[1] > 0)
         def _() -> None:
             acc, m, l = walk((acc_in[...], m_in[...], l_in[...]))
             acc_ref[...] = acc
@@ -1040,6 +1094,30 @@ def forward(
     return out.astype(q.dtype), lse2
 
 
+def deep_list_pipeline(prepared: _Prepared, ranged: bool) -> bool:
+    """Whether a call's rows keep block lists on 2-byte inputs at head_dim padded to 128 with
+    no dense-mask or bias plane: where the kernels pipeline more stages
+    (``FlashConfig.num_stages_listed``, ``num_stages_bwd_listed``). A listed walk loads each
+    block's index before the block, and a deeper pipeline issues both ahead. Measured there
+    only; float32 tiles or a plane tile per stage would crowd shared memory."""
+    plan = prepared.plan
+    return (
+        not ranged
+        and plan.dense_mask_slot is None
+        and not plan.bias_slots
+        and jnp.dtype(prepared.query.dtype).itemsize <= 2
+        and prepared.query.shape[3] == 128
+    )
+
+
+def forward_stages(config: FlashConfig, prepared: _Prepared, ranged: bool) -> int:
+    """The forward kernel's pipeline stages: ``num_stages_listed`` where
+    :func:`deep_list_pipeline` holds, else ``num_stages``."""
+    if config.num_stages_listed is not None and deep_list_pipeline(prepared, ranged):
+        return config.num_stages_listed
+    return config.num_stages
+
+
 def _forward_call(
     config: FlashConfig,
     prepared: _Prepared,
@@ -1085,7 +1163,10 @@ def _forward_call(
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=_compiler_params(
-            config.num_warps, config.num_stages, padded_d, tile=bq * static.block_kv
+            config.num_warps,
+            forward_stages(config, prepared, static.ranged),
+            padded_d,
+            tile=bq * static.block_kv,
         ),
         interpret=config.interpret,
         name="attnax_flash_forward_step" if state else "attnax_flash_forward",

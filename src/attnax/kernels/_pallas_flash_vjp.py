@@ -6,7 +6,8 @@ base-2 log-sum-exp and share the forward's block skipping:
 * dK/dV: one program per (key block, batch, kv head); it loops over the query heads of its GQA
   group and, for each, over the query blocks that the block map lists for this key block
   (partial first with the mask, then full without), so dK and dV of a group are summed in
-  registers, never through per-query-head partials.
+  registers, never through per-query-head partials. Its score tiles are (keys, queries), so
+  both of its products take the probabilities untransposed.
 * dQ: one program per (query block, batch, head), looping over key blocks like the forward. It
   also writes the score gradient tile of every additive bias into a zero-initialised (aliased)
   (B, H, Tp, Sp) buffer, which XLA sums to the bias's broadcast shape.
@@ -34,17 +35,18 @@ from ._pallas_flash import (
     _Plan,
     _Prepared,
     _Tile,
+    deep_list_pipeline,
     dot_nn,
     dot_nt,
     dot_tn,
     full_blocks_consecutive,
-    listed_block,
     matmul_precision,
     prepared_classes,
     row_blocks,
+    walk_row,
 )
 
-__all__ = ["backward", "dkv_call", "dq_call", "dq_launch", "row_terms"]
+__all__ = ["backward", "backward_stages", "dkv_call", "dq_call", "dq_launch", "row_terms"]
 
 
 def _scores_and_vjp(
@@ -91,6 +93,7 @@ def _dkv_kernel(
     precision: Any,
     ranged: bool = False,
     accumulate: bool = False,
+    transposed: bool = True,
 ) -> None:
     num_operands = len(plan.operands)
     operand_refs = refs[:num_operands]
@@ -107,13 +110,10 @@ def _dkv_kernel(
     def head_body(g: Any, carry: Any) -> Any:
         h = kv_head * group + g
         h_list = h if many_h else 0
-        n_partial = cnt_ref[h_list, 0]
-        n_full = cnt_ref[h_list, 1]
-        block = listed_block(lambda j: idx_ref[h_list, j], n_partial, ranged)
 
-        def step(j: Any, carry: Any, masked: bool) -> Any:
+        def step(q_block: Any, carry: Any, masked: bool) -> Any:
             dk, dv = carry
-            q_start = block(j, masked) * block_q
+            q_start = q_block * block_q
             rows = pl.ds(q_start, block_q)
             q = q_ref[g, rows, :]
             do = do_ref[g, rows, :]
@@ -127,7 +127,21 @@ def _dkv_kernel(
                 kv_start=kv_start,
                 block_q=block_q,
                 block_kv=block_kv,
+                transposed=transposed,
             )
+            if transposed:
+                # (keys, queries) tiles, as FlexAttention's dK/dV kernel: dV += P^T dO and
+                # dK += dS^T Q take the probability tiles as they come out of the exponent,
+                # where the (queries, keys) form transposes two register tiles per step.
+                raw = dot_nt(k, q, precision) * scale
+                t, pullback = _scores_and_vjp(plan, raw, tile, masked)
+                p = jnp.exp2(t - lse[None, :])
+                dv = dv + dot_nn(p.astype(do.dtype), do, precision)
+                dp = dot_nt(v, do, precision)
+                dz = p * (dp - delta[None, :])
+                d_raw, _ = pullback(dz)
+                dk = dk + dot_nn(d_raw.astype(q.dtype), q, precision)
+                return dk, dv
             raw = dot_nt(q, k, precision) * scale
             t, pullback = _scores_and_vjp(plan, raw, tile, masked)
             p = jnp.exp2(t - lse[:, None])
@@ -138,9 +152,12 @@ def _dkv_kernel(
             dk = dk + dot_tn(d_raw.astype(q.dtype), q, precision)
             return dk, dv
 
-        carry = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), carry)
-        return jax.lax.fori_loop(
-            n_partial, n_partial + n_full, functools.partial(step, masked=False), carry
+        return walk_row(
+            step,
+            carry,
+            index_at=lambda j: idx_ref[h_list, j],
+            count_at=lambda i: cnt_ref[h_list, i],
+            ranged=ranged,
         )
 
     head_dim = k.shape[-1]
@@ -188,12 +205,9 @@ def _dq_kernel(
     do = do_ref[...]
     lse = lse_ref[...]
     delta = delta_ref[...]
-    n_partial = cnt_ref[0]
-    n_full = cnt_ref[1]
-    block = listed_block(lambda j: idx_ref[j], n_partial, ranged)
 
-    def step(j: Any, dq: Any, masked: bool) -> Any:
-        kv_start = block(j, masked) * block_kv
+    def step(kv_block: Any, dq: Any, masked: bool) -> Any:
+        kv_start = kv_block * block_kv
         cols = pl.ds(kv_start, block_kv)
         k = k_ref[cols, :]
         v = v_ref[cols, :]
@@ -216,9 +230,13 @@ def _dq_kernel(
             dbias_ref[:, cols] = d_bias.astype(dbias_ref.dtype)
         return dq + dot_nn(d_raw.astype(k.dtype), k, precision)
 
-    dq = jnp.zeros((block_q, q.shape[-1]), jnp.float32)
-    dq = jax.lax.fori_loop(0, n_partial, functools.partial(step, masked=True), dq)
-    dq = jax.lax.fori_loop(n_partial, n_partial + n_full, functools.partial(step, masked=False), dq)
+    dq = walk_row(
+        step,
+        jnp.zeros((block_q, q.shape[-1]), jnp.float32),
+        index_at=lambda j: idx_ref[j],
+        count_at=lambda i: cnt_ref[i],
+        ranged=ranged,
+    )
     dq = dq * scale
     if accumulate:
         dq = dq + refs[first_output - 1][...].astype(jnp.float32)
@@ -327,13 +345,18 @@ def dkv_call(
             precision=matmul_precision(q.dtype),
             ranged=_ranged(plan),
             accumulate=accumulate is not None,
+            transposed=config.transposed_dkv,
         ),
         grid=(num_kv_blocks, batch, num_kv_heads),
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
         out_shape=kernel_outputs(operands, (k.shape, out_dtypes[0]), (v.shape, out_dtypes[1])),
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(config.num_warps_bwd, config.num_stages_bwd, padded_d),
+        compiler_params=_compiler_params(
+            config.num_warps_bwd,
+            backward_stages(config, prepared, config.num_stages_bwd),
+            padded_d,
+        ),
         interpret=config.interpret,
         name="attnax_flash_dkv",
     )(*operands)
@@ -348,7 +371,7 @@ def dq_launch(config: FlashConfig, prepared: _Prepared) -> tuple[int, int | None
     """The dQ kernel's (query tile, warps, stages): ``FlashConfig.wide_dq``'s for interval
     masks on 2-byte inputs without bias operands, head_dim padded to 128 (where it was
     measured; Flex itself keeps 64-row dQ tiles at head_dim 64), where the padding already
-    holds whole 128-row tiles; else the configured ones.
+    holds whole 128-row tiles; else the configured ones (stages by :func:`backward_stages`).
 
     The wide tile with three stages is sized for bf16/fp16 tiles: a GPU test with float32
     tiles and a float32 bias tile beside them failed to compile with it (the H100's shared
@@ -369,7 +392,16 @@ def dq_launch(config: FlashConfig, prepared: _Prepared) -> tuple[int, int | None
         return _WIDE_DQ
     warps = config.num_warps_bwd if config.num_warps_dq is None else config.num_warps_dq
     stages = config.num_stages_bwd if config.num_stages_dq is None else config.num_stages_dq
-    return _fit(config.block_q_dq, prepared.seq_q), warps, stages
+    return _fit(config.block_q_dq, prepared.seq_q), warps, backward_stages(config, prepared, stages)
+
+
+def backward_stages(config: FlashConfig, prepared: _Prepared, stages: int) -> int:
+    """A backward kernel's pipeline stages: ``num_stages_bwd_listed`` where
+    :func:`~attnax.kernels._pallas_flash.deep_list_pipeline` holds, else ``stages``."""
+    listed = config.num_stages_bwd_listed
+    if listed is not None and deep_list_pipeline(prepared, _ranged(prepared.plan)):
+        return listed
+    return stages
 
 
 def dq_call(
