@@ -211,7 +211,13 @@ def _bwd_tag(flash: FlashConfig) -> str:
     )
     if flash.num_warps_dq is not None or flash.num_stages_dq is not None:
         tag += f" dq:w{flash.num_warps_dq} s{flash.num_stages_dq}"
+    if not flash.transposed_dkv:
+        tag += " dkv(q,k)"
     return tag
+
+
+def _both_tags(flash: FlashConfig) -> str:
+    return _fwd_tag(flash) + " " + _bwd_tag(flash)
 
 
 def run_variants(
@@ -327,6 +333,55 @@ def backward_sweep3(budget: float, part: int) -> None:
     run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
 
 
+def backward_sweep4(budget: float, part: int) -> None:
+    """Eighth session: the dK/dV kernel with (keys, queries) score tiles, and its launch.
+
+    The (queries, keys) form transposed two register tiles per step (P before dV += P^T dO,
+    dS before dK += dS^T Q), which Triton does through shared memory; FlexAttention's kernel
+    forms S^T = K Q^T instead. With those transposes gone, Flex's own dK/dV launch (64 queries
+    x 128 keys, 8 warps, 3 stages), which spilled in every earlier sweep, may fit. Part 1 also
+    times the forward with 3 stages on the two full configs (the fourth session's sweep found
+    -2% there and +15% on causal). Each part has the old form and the new default as
+    baselines. dQ keeps its own launch (4 warps, 2 stages where wide_dq does not apply).
+    """
+    base: dict[str, Any] = {"block_kv": 64, "num_warps_dq": 4, "num_stages_dq": 2}
+    variants = [
+        [
+            FlashConfig(**base, transposed_dkv=False),
+            FlashConfig(**base),
+            FlashConfig(**base, block_kv_dkv=128, num_warps_bwd=8, num_stages_bwd=3),
+            FlashConfig(**base, block_kv_dkv=128, num_warps_bwd=8, num_stages_bwd=2),
+            FlashConfig(**base, num_stages_bwd=3),
+        ],
+        [
+            FlashConfig(**base, transposed_dkv=False),
+            FlashConfig(**base),
+            FlashConfig(**base, block_q_dkv=128, num_warps_bwd=8),
+            FlashConfig(**base, block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=4),
+            FlashConfig(**base, num_stages=3),
+        ],
+    ][part]
+    names = ("B4 S4096 full", "B1 S16384 full", "B1 S16384 4docs", "B1 S16384 causal")
+    chosen = [c for c in config_list() if c["name"] in names]
+    run_variants(chosen, variants, None, _both_tags, budget, backward=True)
+
+
+def listed_stages_sweep(budget: float) -> None:
+    """Eighth session: three pipeline stages in both backward kernels where rows keep block
+    lists (``FlashConfig.num_stages_bwd_listed``) against two, interleaved twice, on the
+    documents config (the forward takes three stages either way)."""
+    variants = [
+        FlashConfig(block_kv=64, num_stages_bwd_listed=None),
+        FlashConfig(block_kv=64),
+    ] * 2
+    chosen = [c for c in config_list() if c["name"] == "B1 S16384 4docs"]
+    run_variants(chosen, variants, None, _listed_tag, budget, backward=True)
+
+
+def _listed_tag(flash: FlashConfig) -> str:
+    return f"listed stages fwd {flash.num_stages_listed} bwd {flash.num_stages_bwd_listed}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
@@ -336,6 +391,10 @@ def main() -> None:
                         help="the sixth session's backward variants (longer steps)")
     parser.add_argument("--bwd-sweep3", type=int, default=-1,
                         help="the seventh session's dQ-apart variants, part 0 or 1")
+    parser.add_argument("--bwd-sweep4", type=int, default=-1,
+                        help="the eighth session's (keys, queries) dK/dV variants, part 0 or 1")
+    parser.add_argument("--listed-sweep", action="store_true",
+                        help="the eighth session's backward stages for block lists")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
@@ -363,6 +422,10 @@ def main() -> None:
         backward_sweep(args.budget, second=args.bwd_sweep2)
     if args.bwd_sweep3 >= 0:
         backward_sweep3(args.budget, args.bwd_sweep3)
+    if args.bwd_sweep4 >= 0:
+        backward_sweep4(args.budget, args.bwd_sweep4)
+    if args.listed_sweep:
+        listed_stages_sweep(args.budget)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:

@@ -19,7 +19,8 @@ from triton.testing import do_bench
 
 OUT = os.environ.get("OUT", "benchmarks/results")
 BUDGET = float(sys.argv[1]) if len(sys.argv) > 1 else 220.0
-ONLY = sys.argv[2] if len(sys.argv) > 2 else ""  # run only configs whose name contains this
+# Run only configs whose name contains one of these comma-separated tokens.
+ONLY = [token for token in (sys.argv[2] if len(sys.argv) > 2 else "").split(",") if token]
 START = time.time()
 D = 128
 rows: list[dict[str, object]] = []
@@ -34,7 +35,7 @@ def emit(impl: str, cfg: str, ms: float, flops: float) -> None:
 
 
 def bench(impl: str, cfg: str, fn, flops: float) -> None:  # type: ignore[no-untyped-def]
-    if ONLY and ONLY not in cfg:
+    if ONLY and not any(token in cfg for token in ONLY):
         return
     if time.time() - START > BUDGET:
         print(f"{impl} {cfg} skipped: budget", flush=True)
