@@ -6,6 +6,7 @@ forward against the float64 reference and query/key/value (and bias) gradients a
 ``jax.grad`` of ``standard_attention`` at highest precision, in one jitted call.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -243,6 +244,44 @@ def test_listed_stages_only_where_chosen(
     assert backward_stages(off, prepared, 2) == 2
 
 
+@pytest.mark.parametrize("transposed_dkv", [True, False])
+def test_dkv_tile_orientations(transposed_dkv: bool) -> None:
+    # The dK/dV kernel in (keys, queries) form (the default) and in the (queries, keys) form
+    # kept to measure against, with everything whose tiles depend on the orientation: a bias
+    # plane (and its gradient), document-id rows and a value mod, under GQA with several
+    # blocks per row and column.
+    ids = jnp.asarray(np.repeat(np.array([[0, 1, 0], [2, 2, 3]]), [20, 26, 18], axis=1))
+    bias = 0.5 * jax.random.normal(jax.random.key(12), (1, 4, 64, 64), jnp.float32)
+    config = FlashConfig(
+        block_q=16, block_kv=16, block_q_dkv=16, block_kv_dkv=32, block_q_dq=16,
+        block_kv_dq=16, transposed_dkv=transposed_dkv, interpret=True,
+    )
+
+    def score_mod(b: jax.Array) -> Any:
+        return mods.compose_score_mods(
+            mods.additive_bias_mod(b), mods.softcap_mod(3.0), mods.document_mask_mod(ids)
+        )
+
+    q, k, v = random_qkv(13, batch=2, num_heads=4, num_kv_heads=2, seq_q=64, seq_kv=64,
+                         head_dim=16)
+    cotangent = jax.random.normal(jax.random.key(14), q.shape, jnp.float32)
+    args = (q, k, v, bias)
+    _, grads = output_and_vjp(
+        lambda q, k, v, b: flash_attention_with_config(
+            q, k, v, config=config, score_mod=score_mod(b)
+        ),
+        args,
+        cotangent,
+    )
+    _, want = output_and_vjp(
+        lambda q, k, v, b: standard_attention(q, k, v, score_mod=score_mod(b), precision=HIGHEST),
+        args,
+        cotangent,
+    )
+    for name, got, expected in zip(("query", "key", "value", "bias"), grads, want, strict=True):
+        assert relative_error(got, expected) < 1e-5, name
+
+
 def test_sliding_window_with_alibi() -> None:
     score_mod = mods.compose_score_mods(mods.alibi_mod(4), mods.sliding_window_mod(12))
     _check(seed=2, score_mod_of=lambda: score_mod, seq_q=64, seq_kv=64)
@@ -325,18 +364,27 @@ def test_bfloat16_causal_head_dim_64() -> None:
     )
 
 
-def test_block_lists_skip_empty_and_order_partial_first() -> None:
+def _plan_and_classes(
+    score_mod: Any, *, batch: int, seq_q: int, seq_kv: int, block_q: int, block_kv: int
+) -> tuple[Any, jax.Array]:
+    """A mask's plan (no dense mask) and its block classes at these tiles, the classes
+    compiled as one call (op by op, every new shape compiles each primitive anew)."""
+    padded_q = -(-seq_q // block_q) * block_q
+    padded_kv = -(-seq_kv // block_kv) * block_kv
+    lengths = {"seq_q": seq_q, "seq_kv": seq_kv}
     plan = _build_plan(
-        None,
-        mods.causal_mod(),
-        batch=1,
-        seq_q=64,
-        seq_kv=64,
-        padded_q=64,
-        padded_kv=64,
+        None, score_mod, batch=batch, padded_q=padded_q, padded_kv=padded_kv, **lengths
     )
-    classes = block_classes(
-        plan, batch=1, num_heads=1, seq_q=64, seq_kv=64, block_q=16, block_kv=16, num_q_blocks=4
+    tiles = {"block_q": block_q, "block_kv": block_kv, "num_q_blocks": padded_q // block_q}
+    classes = jax.jit(
+        functools.partial(block_classes, plan, batch=batch, num_heads=1, **lengths, **tiles)
+    )()
+    return plan, classes
+
+
+def test_block_lists_skip_empty_and_order_partial_first() -> None:
+    _, classes = _plan_and_classes(
+        mods.causal_mod(), batch=1, seq_q=64, seq_kv=64, block_q=16, block_kv=16
     )
     indices, counts = block_lists(classes)
     # Query block i: one partial (the diagonal), i full blocks, the rest never listed.
@@ -350,8 +398,9 @@ def _full_runs_are_consecutive(classes: jax.Array, *, ranged: bool) -> list[bool
     exactly the blocks :func:`block_lists` lists, partial ones and full ones, in order."""
     runs_ok = []
     for table in (classes, jnp.swapaxes(classes, -1, -2)):
-        indices, counts = (np.asarray(x) for x in block_lists(table))
-        bounds, range_counts = (np.asarray(x) for x in block_ranges(table))
+        # One compiled call per table shape (the random test below has a dozen shapes).
+        indices, counts = (np.asarray(x) for x in jax.jit(block_lists)(table))
+        bounds, range_counts = (np.asarray(x) for x in jax.jit(block_ranges)(table))
         for row, (n_partial, n_full), (first, first_full, end_full, end), range_count in zip(
             indices.reshape(-1, indices.shape[-1]),
             counts.reshape(-1, 2),
@@ -412,29 +461,11 @@ def test_full_blocks_consecutive_is_what_the_lists_hold(
             mods.BoxMask(jnp.int32(21), jnp.int32(83), jnp.int32(7), jnp.int32(61))
         ),
     }[mod_name]
-    block = 16
-    padded_q, padded_kv = -(-seq_q // block) * block, -(-seq_kv // block) * block
-    plan = _build_plan(
-        None,
-        score_mod,
-        batch=1,
-        seq_q=seq_q,
-        seq_kv=seq_kv,
-        padded_q=padded_q,
-        padded_kv=padded_kv,
+    plan, classes = _plan_and_classes(
+        score_mod, batch=1, seq_q=seq_q, seq_kv=seq_kv, block_q=16, block_kv=16
     )
     consecutive = full_blocks_consecutive(plan)
     assert consecutive == (mod_name != "documents")
-    classes = block_classes(
-        plan,
-        batch=1,
-        num_heads=1,
-        seq_q=seq_q,
-        seq_kv=seq_kv,
-        block_q=block,
-        block_kv=block,
-        num_q_blocks=padded_q // block,
-    )
     runs_ok = _full_runs_are_consecutive(classes, ranged=consecutive)
     assert all(runs_ok) if consecutive else not all(runs_ok)
 
@@ -465,36 +496,20 @@ def test_block_ranges_name_the_lists_blocks_for_random_interval_masks() -> None:
     for _ in range(12):
         seq_q, seq_kv = (int(x) for x in rng.integers(20, 120, size=2))
         block_q, block_kv = (int(x) for x in rng.choice([16, 32], size=2))
-        padded_q = -(-seq_q // block_q) * block_q
-        padded_kv = -(-seq_kv // block_kv) * block_kv
-        plan = _build_plan(
-            None,
+        plan, classes = _plan_and_classes(
             random_interval_mask(seq_q, seq_kv),
             batch=2,
             seq_q=seq_q,
             seq_kv=seq_kv,
-            padded_q=padded_q,
-            padded_kv=padded_kv,
-        )
-        assert full_blocks_consecutive(plan)
-        classes = block_classes(
-            plan,
-            batch=2,
-            num_heads=1,
-            seq_q=seq_q,
-            seq_kv=seq_kv,
             block_q=block_q,
             block_kv=block_kv,
-            num_q_blocks=padded_q // block_q,
         )
+        assert full_blocks_consecutive(plan)
         _full_runs_are_consecutive(classes, ranged=True)
 
 
 def test_padded_last_key_block_is_partial() -> None:
-    plan = _build_plan(None, None, batch=1, seq_q=20, seq_kv=20, padded_q=32, padded_kv=32)
-    classes = block_classes(
-        plan, batch=1, num_heads=1, seq_q=20, seq_kv=20, block_q=16, block_kv=16, num_q_blocks=2
-    )
+    _, classes = _plan_and_classes(None, batch=1, seq_q=20, seq_kv=20, block_q=16, block_kv=16)
     assert np.asarray(classes)[0, 0].tolist() == [[2, 1], [2, 1]]
 
 
