@@ -366,6 +366,20 @@ def backward_sweep4(budget: float, part: int) -> None:
     run_variants(chosen, variants, None, _both_tags, budget, backward=True)
 
 
+def warps_sweep(budget: float) -> None:
+    """Queued for the next session: the forward at 128 x 64 with 8 warps (two warpgroups of 64
+    rows), FlexAttention's H100 choice at head_dim 128 in bf16. It lost 38% in the fourth
+    session, before consecutive blocks and ranges; the two full configs are the gap to Flex."""
+    variants = [
+        FlashConfig(block_kv=64),
+        FlashConfig(block_kv=64, num_warps=8, num_stages=2),
+        FlashConfig(block_kv=64, num_warps=8, num_stages=3),
+        FlashConfig(block_kv=64),
+    ]
+    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
+    run_variants(chosen, variants, _fwd_tag, None, budget, backward=False)
+
+
 def listed_stages_sweep(budget: float) -> None:
     """Eighth session: three pipeline stages in both backward kernels where rows keep block
     lists (``FlashConfig.num_stages_bwd_listed``) against two, interleaved twice, on the
@@ -393,6 +407,8 @@ def main() -> None:
                         help="the seventh session's dQ-apart variants, part 0 or 1")
     parser.add_argument("--bwd-sweep4", type=int, default=-1,
                         help="the eighth session's (keys, queries) dK/dV variants, part 0 or 1")
+    parser.add_argument("--warps-sweep", action="store_true",
+                        help="the forward with 8 warps on the full configs (queued)")
     parser.add_argument("--listed-sweep", action="store_true",
                         help="the eighth session's backward stages for block lists")
     parser.add_argument("--skip-table", action="store_true")
@@ -426,6 +442,8 @@ def main() -> None:
         backward_sweep4(args.budget, args.bwd_sweep4)
     if args.listed_sweep:
         listed_stages_sweep(args.budget)
+    if args.warps_sweep:
+        warps_sweep(args.budget)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:
