@@ -230,7 +230,7 @@ def test_listed_stages_only_where_chosen(
     config = FlashConfig(block_q=16, block_kv=16, interpret=True)
     prepared = prepare(config, q, k, v, mask, mod)
     ranged = full_blocks_consecutive(prepared.plan)
-    assert forward_stages(config, prepared, ranged) == expected
+    assert forward_stages(config, prepared) == expected
     # Both backward kernels: dK/dV's stages, and dQ's launch where rows keep lists (interval
     # masks take the wide dQ tile's own three stages).
     assert backward_stages(config, prepared, 2) == expected
@@ -240,7 +240,7 @@ def test_listed_stages_only_where_chosen(
         block_q=16, block_kv=16, interpret=True, num_stages_listed=None,
         num_stages_bwd_listed=None,
     )
-    assert forward_stages(off, prepared, ranged) == 2
+    assert forward_stages(off, prepared) == 2
     assert backward_stages(off, prepared, 2) == 2
 
 
@@ -655,7 +655,7 @@ def test_gpu_documents_bfloat16_three_forward_stages() -> None:
                          dtype=jnp.bfloat16)
     config = default_config(128, 128, 128, False)
     prepared = prepare(config, q, k, v, None, score_mod)
-    assert forward_stages(config, prepared, ranged=False) == 3
+    assert forward_stages(config, prepared) == 3
     assert backward_stages(config, prepared, 2) == 3
     _gpu_case(score_mod, seq=2048, dtype=jnp.bfloat16, num_kv_heads=2, head_dim=128)
 

@@ -840,6 +840,13 @@ def walk_row(
     )
 
 
+def uses_block_ranges(plan: "_Plan") -> bool:
+    """Whether the kernels describe rows (and, transposed, columns) by block ranges rather
+    than block lists: interval masks (:func:`full_blocks_consecutive`) unless
+    :data:`BLOCK_RANGES` is off."""
+    return BLOCK_RANGES and full_blocks_consecutive(plan)
+
+
 def full_blocks_consecutive(plan: "_Plan") -> bool:
     """Whether every row's full key blocks (and every column's full query blocks) are
     consecutive block indices, ascending.
@@ -1056,7 +1063,7 @@ def forward(
         bq,
         bk,
         matmul_precision(q.dtype),
-        ranged=BLOCK_RANGES and full_blocks_consecutive(plan),
+        ranged=uses_block_ranges(plan),
         stepped=config.key_step_blocks > 0,
     )
     if not static.stepped:
@@ -1094,26 +1101,33 @@ def forward(
     return out.astype(q.dtype), lse2
 
 
-def deep_list_pipeline(prepared: _Prepared, ranged: bool) -> bool:
-    """Whether a call's rows keep block lists on 2-byte inputs at head_dim padded to 128 with
-    no dense-mask or bias plane: where the kernels pipeline more stages
-    (``FlashConfig.num_stages_listed``, ``num_stages_bwd_listed``). A listed walk loads each
-    block's index before the block, and a deeper pipeline issues both ahead. Measured there
-    only; float32 tiles or a plane tile per stage would crowd shared memory."""
+def compact_tiles(prepared: _Prepared) -> bool:
+    """2-byte tiles at head_dim padded to 128 with no dense-mask or bias plane beside them:
+    where the larger launches (``FlashConfig.wide_dq``, ``num_stages_listed``,
+    ``num_stages_bwd_listed``) were measured. Float32 tiles, or a plane tile in every stage,
+    would crowd the H100's shared memory: a float32 bias-gradient GPU test failed to compile
+    with the wide dQ tile."""
     plan = prepared.plan
     return (
-        not ranged
-        and plan.dense_mask_slot is None
+        plan.dense_mask_slot is None
         and not plan.bias_slots
         and jnp.dtype(prepared.query.dtype).itemsize <= 2
         and prepared.query.shape[3] == 128
     )
 
 
-def forward_stages(config: FlashConfig, prepared: _Prepared, ranged: bool) -> int:
+def deep_list_pipeline(prepared: _Prepared) -> bool:
+    """Whether a call's rows keep block lists on :func:`compact_tiles`: there the kernels
+    pipeline more stages (``FlashConfig.num_stages_listed``, ``num_stages_bwd_listed``), as a
+    listed walk loads each block's index before the block and a deeper pipeline issues both
+    ahead."""
+    return not uses_block_ranges(prepared.plan) and compact_tiles(prepared)
+
+
+def forward_stages(config: FlashConfig, prepared: _Prepared) -> int:
     """The forward kernel's pipeline stages: ``num_stages_listed`` where
     :func:`deep_list_pipeline` holds, else ``num_stages``."""
-    if config.num_stages_listed is not None and deep_list_pipeline(prepared, ranged):
+    if config.num_stages_listed is not None and deep_list_pipeline(prepared):
         return config.num_stages_listed
     return config.num_stages
 
@@ -1164,7 +1178,7 @@ def _forward_call(
         input_output_aliases=aliases,
         compiler_params=_compiler_params(
             config.num_warps,
-            forward_stages(config, prepared, static.ranged),
+            forward_stages(config, prepared),
             padded_d,
             tile=bq * static.block_kv,
         ),

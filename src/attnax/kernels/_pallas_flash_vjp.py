@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _pallas_flash
 from ._common import kernel_outputs, vary_like, varying_axes
 from ._pallas_flash import (
     _LOG2E,
@@ -35,14 +34,15 @@ from ._pallas_flash import (
     _Plan,
     _Prepared,
     _Tile,
+    compact_tiles,
     deep_list_pipeline,
     dot_nn,
     dot_nt,
     dot_tn,
-    full_blocks_consecutive,
     matmul_precision,
     prepared_classes,
     row_blocks,
+    uses_block_ranges,
     walk_row,
 )
 
@@ -107,6 +107,18 @@ def _dkv_kernel(
     v = v_ref[...]
     many_h = idx_ref.shape[0] > 1
 
+    # (keys, queries) tiles (``transposed``), as FlexAttention's dK/dV kernel: dV += P^T dO
+    # and dK += dS^T Q then take the tiles as they come out of the exponent, where the
+    # (queries, keys) form transposes two register tiles per step.
+    def tile_product(key_side: Any, query_side: Any) -> Any:
+        pair = (key_side, query_side) if transposed else (query_side, key_side)
+        return dot_nt(*pair, precision)
+
+    def per_query(row: Any) -> Any:
+        return row[None, :] if transposed else row[:, None]
+
+    key_product = dot_nn if transposed else dot_tn  # (keys, D) from a tile and (bq, D)
+
     def head_body(g: Any, carry: Any) -> Any:
         h = kv_head * group + g
         h_list = h if many_h else 0
@@ -129,27 +141,14 @@ def _dkv_kernel(
                 block_kv=block_kv,
                 transposed=transposed,
             )
-            if transposed:
-                # (keys, queries) tiles, as FlexAttention's dK/dV kernel: dV += P^T dO and
-                # dK += dS^T Q take the probability tiles as they come out of the exponent,
-                # where the (queries, keys) form transposes two register tiles per step.
-                raw = dot_nt(k, q, precision) * scale
-                t, pullback = _scores_and_vjp(plan, raw, tile, masked)
-                p = jnp.exp2(t - lse[None, :])
-                dv = dv + dot_nn(p.astype(do.dtype), do, precision)
-                dp = dot_nt(v, do, precision)
-                dz = p * (dp - delta[None, :])
-                d_raw, _ = pullback(dz)
-                dk = dk + dot_nn(d_raw.astype(q.dtype), q, precision)
-                return dk, dv
-            raw = dot_nt(q, k, precision) * scale
+            raw = tile_product(k, q) * scale
             t, pullback = _scores_and_vjp(plan, raw, tile, masked)
-            p = jnp.exp2(t - lse[:, None])
-            dv = dv + dot_tn(p.astype(do.dtype), do, precision)
-            dp = dot_nt(do, v, precision)
-            dz = p * (dp - delta[:, None])
+            p = jnp.exp2(t - per_query(lse))
+            dv = dv + key_product(p.astype(do.dtype), do, precision)
+            dp = tile_product(v, do)
+            dz = p * (dp - per_query(delta))
             d_raw, _ = pullback(dz)
-            dk = dk + dot_tn(d_raw.astype(q.dtype), q, precision)
+            dk = dk + key_product(d_raw.astype(q.dtype), q, precision)
             return dk, dv
 
         return walk_row(
@@ -262,11 +261,6 @@ def row_terms(
     return do, delta
 
 
-def _ranged(plan: _Plan) -> bool:
-    # Block ranges along either axis (an interval mask's band is one interval in both).
-    return _pallas_flash.BLOCK_RANGES and full_blocks_consecutive(plan)
-
-
 def dkv_call(
     config: FlashConfig,
     prepared: _Prepared,
@@ -301,7 +295,7 @@ def dkv_call(
     if num_kv_blocks > classes_t.shape[2]:
         extra = num_kv_blocks - classes_t.shape[2]
         classes_t = jnp.pad(classes_t, ((0, 0), (0, 0), (0, extra), (0, 0)))
-    indices, counts = row_blocks(classes_t, _ranged(plan))
+    indices, counts = row_blocks(classes_t, uses_block_ranges(plan))
     many_b = indices.shape[0] > 1
     list_h = indices.shape[1]
 
@@ -343,7 +337,7 @@ def dkv_call(
             block_q=bq,
             block_kv=bk,
             precision=matmul_precision(q.dtype),
-            ranged=_ranged(plan),
+            ranged=uses_block_ranges(plan),
             accumulate=accumulate is not None,
             transposed=config.transposed_dkv,
         ),
@@ -369,25 +363,16 @@ _WIDE_DQ = (128, 8, 3)
 
 def dq_launch(config: FlashConfig, prepared: _Prepared) -> tuple[int, int | None, int]:
     """The dQ kernel's (query tile, warps, stages): ``FlashConfig.wide_dq``'s for interval
-    masks on 2-byte inputs without bias operands, head_dim padded to 128 (where it was
-    measured; Flex itself keeps 64-row dQ tiles at head_dim 64), where the padding already
-    holds whole 128-row tiles; else the configured ones (stages by :func:`backward_stages`).
-
-    The wide tile with three stages is sized for bf16/fp16 tiles: a GPU test with float32
-    tiles and a float32 bias tile beside them failed to compile with it (the H100's shared
-    memory). A bias operand is left out in bf16 too, as a precaution: not measured.
-    """
-    q = prepared.query
-    padded_q, padded_d = q.shape[2], q.shape[3]
+    masks on :func:`~attnax.kernels._pallas_flash.compact_tiles` (where it was measured; Flex
+    itself keeps 64-row dQ tiles at head_dim 64) whose padding already holds whole 128-row
+    tiles; else the configured ones (stages by :func:`backward_stages`)."""
     rows = _WIDE_DQ[0]
     if (
         config.wide_dq
-        and _ranged(prepared.plan)
-        and not prepared.plan.bias_slots
-        and jnp.dtype(q.dtype).itemsize <= 2
-        and padded_d == 128
+        and uses_block_ranges(prepared.plan)
+        and compact_tiles(prepared)
         and _fit(rows, prepared.seq_q) == rows
-        and padded_q % rows == 0
+        and prepared.query.shape[2] % rows == 0
     ):
         return _WIDE_DQ
     warps = config.num_warps_bwd if config.num_warps_dq is None else config.num_warps_dq
@@ -399,7 +384,7 @@ def backward_stages(config: FlashConfig, prepared: _Prepared, stages: int) -> in
     """A backward kernel's pipeline stages: ``num_stages_bwd_listed`` where
     :func:`~attnax.kernels._pallas_flash.deep_list_pipeline` holds, else ``stages``."""
     listed = config.num_stages_bwd_listed
-    if listed is not None and deep_list_pipeline(prepared, _ranged(prepared.plan)):
+    if listed is not None and deep_list_pipeline(prepared):
         return listed
     return stages
 
@@ -430,7 +415,7 @@ def dq_call(
     # Grid over query blocks, key blocks listed per query block.
     bq, num_warps, num_stages = dq_launch(config, prepared)
     bk = _fit(config.block_kv_dq, seq_kv)
-    indices, counts = row_blocks(prepared_classes(prepared, bq, bk), _ranged(plan))
+    indices, counts = row_blocks(prepared_classes(prepared, bq, bk), uses_block_ranges(plan))
     many_b, many_h = indices.shape[0] > 1, indices.shape[1] > 1
 
     def row_map(i: Any, b: Any, h: Any) -> tuple[Any, ...]:
@@ -465,7 +450,7 @@ def dq_call(
             block_q=bq,
             block_kv=bk,
             precision=matmul_precision(q.dtype),
-            ranged=_ranged(plan),
+            ranged=uses_block_ranges(plan),
             accumulate=accumulate is not None,
         ),
         grid=(padded_q // bq, batch, num_heads),
