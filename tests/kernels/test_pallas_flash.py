@@ -26,9 +26,11 @@ from attnax.kernels._pallas_flash import (
     flash_attention_with_config,
     forward_stages,
     full_blocks_consecutive,
+    mosaic_forward_applies,
     pallas_flash_attention,
     prepare,
 )
+from attnax.kernels._pallas_flash_mgpu import mosaic_forward, mosaic_gpu_available
 from attnax.kernels._pallas_flash_vjp import backward_stages, dq_launch
 from attnax.kernels._standard import standard_attention
 from tests._reference import output_and_vjp, random_qkv, reference_attention, relative_error
@@ -593,6 +595,89 @@ def test_every_supported_mod_lowers_to_triton() -> None:
         assert "__gpu$xla.gpu.triton" in text
 
 
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("full", True),
+        ("gqa head_dim 64 float16", True),
+        ("head_dim 96", True),  # padded to 128 with zero columns, as for Triton
+        ("causal", False),
+        ("alibi", False),
+        ("dense mask", False),
+        ("float32", False),
+        ("head_dim 256", False),
+        ("query length 200", False),  # padded query rows
+        ("key length 320", False),  # a padded key tile would need a mask
+        ("switched off", False),
+        ("interpret", False),
+        ("stepped", False),
+        ("not hopper", False),
+    ],
+)
+def test_mosaic_forward_only_where_chosen(case: str, expected: bool) -> None:
+    """The Mosaic-GPU forward takes full attention on 2-byte inputs at head_dim 64/128 in
+    whole tiles; everything else stays on Triton. (Its values: the GPU tests below.)"""
+    head_dim = {"gqa head_dim 64 float16": 64, "head_dim 256": 256, "head_dim 96": 96}.get(
+        case, 128
+    )
+    dtype = {"float32": jnp.float32, "gqa head_dim 64 float16": jnp.float16}.get(
+        case, jnp.bfloat16
+    )
+    seq_q = 200 if case == "query length 200" else 256
+    seq_kv = 320 if case == "key length 320" else 256
+    q, k, v = random_qkv(7, batch=1, num_heads=4, num_kv_heads=2 if "gqa" in case else 4,
+                         seq_q=seq_q, seq_kv=seq_kv, head_dim=head_dim, dtype=dtype)
+    mod: Any = {
+        "causal": mods.causal_mod(),
+        "alibi": mods.alibi_mod(4),
+    }.get(case)
+    mask = jnp.ones((1, 1, seq_q, seq_kv), bool) if case == "dense mask" else None
+    config = FlashConfig(
+        mosaic_forward=case != "switched off",
+        interpret=case == "interpret",
+        key_step_blocks=2 if case == "stepped" else 0,
+    )
+    prepared = prepare(config, q, k, v, mask, mod)
+    scale = head_dim**-0.5
+    assert mosaic_forward_applies(config, prepared, scale, hopper=case != "not hopper") is expected
+    # Without a Hopper GPU (this machine) nothing takes it.
+    if jax.default_backend() == "cpu":
+        assert not mosaic_forward_applies(config, prepared, scale)
+
+
+@pytest.mark.skipif(not mosaic_gpu_available(), reason="this jax has no Mosaic GPU")
+def test_mosaic_forward_lowers_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lowering the Mosaic-GPU kernel (not compiling it) needs no GPU: it catches any
+    # primitive, layout or shared-memory slicing Mosaic GPU cannot express, in the forward
+    # alone, under vmap (its batching rule folds the mapped axis into the batch), and in the
+    # whole forward+backward as the kernel dispatches it on a Hopper GPU.
+    from attnax.kernels import _pallas_flash
+
+    def spec(*shape: int) -> Any:
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # type: ignore[no-untyped-call]
+
+    q, kv = spec(2, 4, 256, 128), spec(2, 2, 256, 128)
+    batched, batched_kv = spec(3, *q.shape), spec(3, *kv.shape)
+
+    def forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return mosaic_forward(q, k, v, scale=0.1, block_kv=128, stages=2)
+
+    def lowered(fn: Callable[..., Any], *shapes: Any) -> str:
+        text: str = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        return text
+
+    assert "mosaic_gpu" in lowered(forward, q, kv, kv)
+    assert "mosaic_gpu" in lowered(jax.vmap(forward), batched, batched_kv, batched_kv)
+    monkeypatch.setattr(_pallas_flash, "hopper_gpu", lambda: True)
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        out = flash_attention_with_config(q, k, v, config=FlashConfig())
+        return out.astype(jnp.float32).sum()
+
+    text = lowered(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+    assert "mosaic_gpu" in text and "__gpu$xla.gpu.triton" in text
+
+
 # --------------------------------------------------------------------------- GPU, compiled
 
 
@@ -629,6 +714,40 @@ def _gpu_case(
 @pytest.mark.parametrize("head_dim", [256, 64, 128])
 def test_gpu_causal_head_dims(head_dim: int) -> None:
     _gpu_case(mods.causal_mod(), seq=1000, dtype=jnp.bfloat16, head_dim=head_dim)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("seq", "dtype", "num_kv_heads", "head_dim", "mosaic"),
+    [
+        (1024, jnp.bfloat16, 8, 128, True),
+        (512, jnp.float16, 2, 64, True),
+        (1000, jnp.bfloat16, 8, 128, False),  # padded tiles: the Triton forward
+    ],
+)
+def test_gpu_full_attention_mosaic_forward(
+    seq: int, dtype: Any, num_kv_heads: int, head_dim: int, mosaic: bool
+) -> None:
+    # Full attention on a Hopper GPU takes the Mosaic-GPU forward; the Triton backward reads
+    # its log-sum-exp, so the gradients check that too.
+    q, k, v = random_qkv(24, num_heads=8, num_kv_heads=num_kv_heads, seq_q=seq,
+                         head_dim=head_dim, dtype=dtype)
+    config = default_config(head_dim, 128, 128, False)
+    prepared = prepare(config, q, k, v, None, None)
+    hopper = jax.devices()[0].compute_capability.startswith("9.")
+    assert mosaic_forward_applies(config, prepared, head_dim**-0.5) is (mosaic and hopper)
+    _gpu_case(None, seq=seq, dtype=dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+
+@pytest.mark.gpu
+def test_gpu_full_attention_under_vmap() -> None:
+    q, k, v = random_qkv(25, batch=6, num_heads=4, num_kv_heads=2, seq_q=512, head_dim=128,
+                         dtype=jnp.bfloat16)
+    shaped = [x.reshape(3, 2, *x.shape[1:]) for x in (q, k, v)]
+    got = jax.jit(jax.vmap(pallas_flash_attention))(*shaped)
+    f32 = [x.astype(jnp.float32) for x in shaped]
+    want = jax.vmap(functools.partial(standard_attention, precision=HIGHEST))(*f32)
+    assert relative_error(got, want) < 2e-2
 
 
 @pytest.mark.gpu

@@ -17,6 +17,10 @@ Structure (kept open to a second, Mosaic-GPU lowering; see ``benchmarks/NOTES.md
   an XLA ``lax.scan`` over steps of a few key blocks; each step's block lists hold only its
   own blocks, and the kernel reads and writes the float32 running state (accumulator, maximum,
   denominator) in aliased HBM buffers instead of keeping it in registers for the whole walk.
+* **Mosaic-GPU forward** (``_pallas_flash_mgpu``): full attention on a Hopper GPU (no mask,
+  mod or operand; 2-byte inputs; whole tiles) takes a warp-specialised wgmma kernel in place of
+  the Triton forward (:func:`mosaic_forward_applies`); it returns the same (out, lse2), so the
+  backward below serves both.
 * **Backward** (``_pallas_flash_vjp``): a dK/dV kernel per key block (looping over the query
   heads of its GQA group and their query blocks) and a dQ kernel per query block, recomputing
   probabilities from the saved log-sum-exp; the value mod is differentiated inside the kernel
@@ -76,6 +80,7 @@ from ._common import (
     vary_like,
     varying_axes,
 )
+from ._pallas_flash_mgpu import MOSAIC_ROWS, hopper_gpu, mosaic_forward, mosaic_gpu_available
 
 __all__ = ["FlashConfig", "default_config", "pallas_flash_attention", "stepped_config"]
 
@@ -139,11 +144,22 @@ class FlashConfig:
     # (memory_efficient_attention's GPU path: the tile is fused, the loop over key blocks is
     # XLA's). The backward is the same either way.
     key_step_blocks: int = 0
+    # Full attention (no mask, no score mod, no bias) on a Hopper GPU with 2-byte inputs at
+    # head_dim 64/128 and lengths in whole tiles: the forward runs the Mosaic-GPU kernel
+    # (``_pallas_flash_mgpu``; warp-specialised, wgmma) instead of the Triton one
+    # (``mosaic_forward_applies``). False: Triton everywhere, to measure against.
+    mosaic_forward: bool = True
+    # Its key tile and K/V pipeline slots (the query tile is fixed at 2 x 64 rows).
+    mosaic_block_kv: int = 128
+    mosaic_stages: int = 2
 
     def __post_init__(self) -> None:
         steps = self.key_step_blocks
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{_NAME}: `key_step_blocks` must be an int >= 0, got {steps!r}.")
+        stages = self.mosaic_stages
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"{_NAME}: `mosaic_stages` must be an int >= 1, got {stages!r}.")
         for name in (
             "block_q",
             "block_kv",
@@ -151,6 +167,7 @@ class FlashConfig:
             "block_kv_dkv",
             "block_q_dq",
             "block_kv_dq",
+            "mosaic_block_kv",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 16:
@@ -1053,6 +1070,15 @@ def forward(
     One kernel call, or with ``config.key_step_blocks`` an XLA scan of stepped calls.
     """
     q, plan = prepared.query, prepared.plan
+    if mosaic_forward_applies(config, prepared, scale):
+        return mosaic_forward(
+            q,
+            prepared.key,
+            prepared.value,
+            scale=scale,
+            block_kv=config.mosaic_block_kv,
+            stages=config.mosaic_stages,
+        )
     batch, num_heads, padded_q, _ = q.shape
     bq = _fit(config.block_q, prepared.seq_q)
     bk = _fit(config.block_kv, prepared.seq_kv)
@@ -1099,6 +1125,45 @@ def forward(
     (acc, m, l), _ = jax.lax.scan(key_step, state, lists)
     out, lse2 = finish_rows(acc, m, l)
     return out.astype(q.dtype), lse2
+
+
+def mosaic_forward_applies(
+    config: FlashConfig, prepared: _Prepared, scale: float, *, hopper: bool | None = None
+) -> bool:
+    """Whether the forward runs the Mosaic-GPU kernel (``_pallas_flash_mgpu``) rather than
+    the Triton one: ``config.mosaic_forward`` on a Hopper GPU (``hopper``; None: the default
+    device), not interpreted or stepped, for full attention (no mask, mod or operand) on
+    2-byte Q/K/V at head_dim padded to 64 or 128, with no padded query row or key (query
+    length a multiple of 128, key length of ``mosaic_block_kv``) and a positive scale."""
+    if not config.mosaic_forward or config.interpret or config.key_step_blocks > 0:
+        return False
+    plan, q = prepared.plan, prepared.query
+    padded_q, padded_d = q.shape[2], q.shape[3]
+    padded_kv = prepared.key.shape[2]
+    dtypes = {jnp.dtype(x.dtype) for x in (q, prepared.key, prepared.value)}
+    full_attention = (
+        plan.mask_fn is None
+        and plan.value_fn is None
+        and plan.dense_mask is None
+        and not plan.operands
+    )
+    whole_tiles = (
+        prepared.seq_q == padded_q
+        and padded_q % MOSAIC_ROWS == 0
+        and prepared.seq_kv == padded_kv
+        and padded_kv % config.mosaic_block_kv == 0
+    )
+    if not (
+        full_attention
+        and whole_tiles
+        and len(dtypes) == 1
+        and dtypes.pop().itemsize == 2
+        and padded_d in (64, 128)
+        and scale > 0
+        and mosaic_gpu_available()
+    ):
+        return False
+    return hopper_gpu() if hopper is None else hopper
 
 
 def compact_tiles(prepared: _Prepared) -> bool:
@@ -1326,7 +1391,10 @@ def pallas_flash_attention(
 ) -> AttentionOutput:
     r"""FlashAttention-2 in Pallas: :math:`\mathrm{softmax}(\mathrm{mod}(s QK^\top)) V`, tiled.
 
-    A Pallas kernel (Triton lowering on GPU) with an online float32 softmax. The score mod is
+    A Pallas kernel (Triton lowering on GPU) with an online float32 softmax. On a Hopper GPU,
+    full attention (no mask, no mod) on bf16/fp16 inputs at head_dim 33-128 whose lengths are
+    multiples of 128 runs its forward through a Mosaic-GPU kernel instead (warp-specialised,
+    wgmma; ``_pallas_flash_mgpu``), with the same backward. The score mod is
     traced into the inner loop with absolute indices; its mask part is turned into a
     per-(query block, key block) map outside the kernel, so blocks with no allowed pair are
     never loaded and blocks where every pair is allowed skip the mask. Grouped-query heads read

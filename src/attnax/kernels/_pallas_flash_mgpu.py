@@ -1,0 +1,321 @@
+"""PALLAS_FLASH's forward lowered through Mosaic GPU (Hopper), for attention without mods.
+
+The Triton forward (``_pallas_flash``) serves every mask and score mod. Where nothing masks or
+modifies the scores (full attention, MHA or GQA, 2-byte inputs, head_dim padded to 64 or 128,
+lengths in whole tiles), this kernel takes the forward instead: on an H100 it ran 525-590 TF/s
+where Triton's tiles ran 456-480 (``benchmarks/NOTES.md``, "Ninth session"). It returns the
+same ``(out, lse2)`` as the Triton forward, so the backward kernels are shared.
+
+Structure (FlashAttention-3's warp specialisation): a program owns 128 query rows of one
+(batch, head); three warpgroups share it.
+
+* Two **consumer** warpgroups of 64 rows each keep their accumulator, row maximum and
+  denominator in registers in the WGMMA layout; each step multiplies Q Kᵀ and P V on the
+  tensor cores (``wgmma``) with the online softmax in float32 between. A two-arrival
+  *schedule* barrier offsets the two by half a step, so one's softmax overlaps the other's
+  matrix products.
+* One **producer** warpgroup, with its registers handed to the consumers, streams K/V tiles
+  into ``stages`` shared-memory slots by TMA; each slot has a *ready* barrier (TMA arrival)
+  and a *free* barrier (both consumers done with it).
+
+Scores are never scaled as a tile: the row maximum is taken on raw ``Q Kᵀ`` and the scale,
+times log2(e), is folded into the exponent's argument (one FMA a score). That needs a positive
+scale, which :func:`mosaic_forward_applies` requires.
+"""
+
+import functools
+import importlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+def _import_mosaic_gpu() -> Any:
+    try:
+        return importlib.import_module("jax.experimental.pallas.mosaic_gpu")
+    except ImportError:  # a jax without Mosaic GPU: the Triton forward serves every call
+        return None
+
+
+# Untyped: its API is experimental and still moves between jax releases.
+plgpu: Any = _import_mosaic_gpu()
+
+__all__ = ["MOSAIC_ROWS", "hopper_gpu", "mosaic_forward", "mosaic_gpu_available"]
+
+_LOG2E = math.log2(math.e)
+_RECIP_LN2 = 1.0 / math.log(2.0)
+# Query rows per consumer warpgroup (one wgmma's M) and consumers per program.
+_WARPGROUP_ROWS = 64
+_CONSUMERS = 2
+# Query rows per program: sequences must be a multiple of this.
+MOSAIC_ROWS = _WARPGROUP_ROWS * _CONSUMERS
+# Read at trace time (benchmarks/pallas_flash.py --mosaic-sweep flips them). The grid's
+# fastest axis: query tiles (the programs running at once share one head's K/V) or heads.
+HEADS_FASTEST = False
+# Shared memory Mosaic GPU reserves for cross-warp reductions (None: its default). The row
+# reductions here stay inside a warp (the WGMMA layout splits rows, not columns, over warps),
+# so none is needed; on an H100 the forward ran 1-3% faster without it (NOTES, "Ninth
+# session"), and three K/V slots of 128 x 128 fit only without it.
+REDUCTION_SCRATCH_BYTES: int | None = 0
+
+
+def mosaic_gpu_available() -> bool:
+    """Whether this jax ships Mosaic GPU's Pallas API."""
+    return plgpu is not None
+
+
+def hopper_gpu() -> bool:
+    """Whether the default device is a Hopper GPU (compute capability 9.x), where the
+    warpgroup matrix products this kernel is built on exist."""
+    if plgpu is None:
+        return False
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.startswith("9.")
+
+
+def _kernel(
+    q_ref: Any,
+    k_ref: Any,
+    v_ref: Any,
+    out_ref: Any,
+    lse_ref: Any,
+    scoped: Any,
+    *,
+    group: int,
+    block_kv: int,
+    stages: int,
+    steps: int,
+    exponent_scale: float,
+) -> None:
+    assert plgpu is not None
+    buffers, ready, free, schedule = scoped
+    qo_smem2, k_smem, v_smem, lse_smem2 = buffers
+    k_ready, v_ready, q_ready = ready
+    k_free, v_free = free
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("head")
+    warpgroup = lax.axis_index("wg")
+    rows = _WARPGROUP_ROWS
+
+    def take_turn() -> None:
+        # Both consumers arrive; neither passes until the other has arrived too.
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    @pl.when(warpgroup < _CONSUMERS)
+    def _consume() -> None:
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem = qo_smem2.at[warpgroup]
+        lse_smem = lse_smem2.at[warpgroup]
+        row_start = lax.axis_index("q_tile") * MOSAIC_ROWS + warpgroup * rows
+        plgpu.copy_gmem_to_smem(
+            q_ref.at[batch, head, pl.ds(row_start, rows)], qo_smem, q_ready.at[warpgroup]
+        )
+        plgpu.barrier_wait(q_ready.at[warpgroup])
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        head_dim = qo_smem.shape[-1]
+        acc = plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        row_max = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32), row_layout)
+        row_sum = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
+        plgpu.barrier_wait(k_ready.at[0])
+        # The second consumer starts half a step behind the first.
+        pl.when(warpgroup == 1)(take_turn)
+
+        def step(kv_step: Any, carry: Any) -> Any:
+            acc, row_max, row_sum = carry
+            slot = lax.rem(kv_step, jnp.array(stages, kv_step.dtype))
+
+            def scores(acc_ref: Any) -> Any:
+                # K's slot read as Kᵀ (a transposed view: wgmma takes either major order).
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                take_turn()
+                return acc_ref[...]
+
+            raw = pl.run_scoped(scores, plgpu.ACC((rows, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            # Maximum of the raw scores, in the exponent's units (the scale is positive).
+            new_max = jnp.maximum(row_max, raw.max(axis=1) * exponent_scale)
+            alpha = jnp.exp2(row_max - new_max)
+            probs = jnp.exp2(raw * exponent_scale - lax.broadcast_in_dim(new_max, raw.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            row_sum = row_sum * alpha + probs.sum(axis=1)
+            probs_low = probs.astype(k_smem.dtype)
+            # Keeps the softmax ahead of the barriers below (it is what overlaps the other
+            # consumer's matrix products).
+            acc, row_sum, new_max, probs_low = lax.optimization_barrier(  # type: ignore[no-untyped-call]
+                (acc, row_sum, new_max, probs_low)
+            )
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(schedule)
+
+            def values(acc_ref: Any) -> None:
+                plgpu.wgmma(acc_ref, probs_low, v_smem.at[slot])
+                next_step = kv_step + 1
+
+                @pl.when(next_step < steps)
+                def _() -> None:
+                    plgpu.barrier_wait(
+                        k_ready.at[lax.rem(next_step, jnp.array(stages, kv_step.dtype))]
+                    )
+
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, new_max, row_sum
+
+        acc, row_max, row_sum = lax.fori_loop(0, steps, step, (acc, row_max, row_sum))
+        # Balances the second consumer's extra turn at the start.
+        pl.when(warpgroup == 0)(take_turn)
+        inverse = 1.0 / row_sum
+        qo_smem[...] = (acc * lax.broadcast_in_dim(inverse, acc.shape, [0])).astype(qo_smem.dtype)
+        lse_smem[...] = row_max + jnp.log(row_sum) * _RECIP_LN2
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[batch, head, pl.ds(row_start, rows)])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(row_start, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(warpgroup == _CONSUMERS)
+    def _produce() -> None:
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, jnp.array(group, head.dtype))
+
+        def load(kv_step: Any, slot: Any) -> None:
+            window = (batch, kv_head, pl.ds(kv_step * block_kv, block_kv))
+            plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_ready.at[slot])
+
+        for slot in range(stages):
+            load(slot, slot)
+
+        @pl.loop(0, steps - stages)
+        def _(kv_step: Any) -> None:
+            slot = lax.rem(kv_step, jnp.array(stages, kv_step.dtype))
+            # K is read first in a step, so it is freed first: wait on each just before its copy.
+            window = (batch, kv_head, pl.ds((kv_step + stages) * block_kv, block_kv))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[window], k_smem.at[slot], k_ready.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[window], v_smem.at[slot], v_ready.at[slot])
+
+
+@functools.cache
+def _forward_fn(
+    scale: float, block_kv: int, stages: int, heads_fastest: bool, reduction_scratch: int | None
+) -> Callable[..., Any]:
+    """The kernel for one (scale, block_kv, stages), with a vmap rule: batched calls fold the
+    mapped axis into the batch axis (Mosaic GPU kernels have no batching rule of their own)."""
+
+    def call(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        assert plgpu is not None
+        batch, heads, seq_q, head_dim = q.shape
+        kv_heads, seq_kv = k.shape[1], k.shape[2]
+        steps = seq_kv // block_kv
+        used_stages = min(stages, steps)
+        kernel = functools.partial(
+            _kernel,
+            group=heads // kv_heads,
+            block_kv=block_kv,
+            stages=used_stages,
+            steps=steps,
+            exponent_scale=scale * _LOG2E,
+        )
+        # 128-byte swizzled (8, 64) tiles: the layout wgmma reads from shared memory.
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+        def body(q_ref: Any, k_ref: Any, v_ref: Any, out_ref: Any, lse_ref: Any) -> None:
+            pl.run_scoped(
+                lambda *scoped: kernel(q_ref, k_ref, v_ref, out_ref, lse_ref, scoped),
+                [
+                    plgpu.SMEM(
+                        (_CONSUMERS, _WARPGROUP_ROWS, head_dim), q.dtype, transforms=transforms
+                    ),
+                    plgpu.SMEM((used_stages, block_kv, head_dim), k.dtype, transforms=transforms),
+                    plgpu.SMEM((used_stages, block_kv, head_dim), v.dtype, transforms=transforms),
+                    plgpu.SMEM((_CONSUMERS, _WARPGROUP_ROWS), jnp.float32),
+                ],
+                (
+                    plgpu.Barrier(num_barriers=used_stages),
+                    plgpu.Barrier(num_barriers=used_stages),
+                    plgpu.Barrier(num_barriers=_CONSUMERS),
+                ),
+                (
+                    plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=used_stages),
+                    plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=used_stages),
+                ),
+                plgpu.Barrier(num_arrivals=_CONSUMERS),
+                collective_axes="wg",
+            )
+
+        grid: tuple[int, ...] = (seq_q // MOSAIC_ROWS, heads, batch)
+        names: tuple[str, ...] = ("q_tile", "head", "batch")
+        if heads_fastest:
+            grid, names = (heads, seq_q // MOSAIC_ROWS, batch), ("head", "q_tile", "batch")
+        params = {}
+        if reduction_scratch is not None:
+            params["reduction_scratch_bytes"] = reduction_scratch
+        out, lse = plgpu.kernel(
+            body,
+            out_type=(
+                jax.ShapeDtypeStruct(q.shape, q.dtype),  # type: ignore[no-untyped-call]
+                jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),  # type: ignore[no-untyped-call]
+            ),
+            grid=grid,
+            grid_names=names,
+            num_threads=_CONSUMERS + 1,
+            thread_name="wg",
+            compiler_params=plgpu.CompilerParams(approx_math=True, **params),
+        )(q, k, v)
+        return out, lse
+
+    @jax.custom_batching.custom_vmap
+    def batched(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return call(q, k, v)
+
+    @batched.def_vmap
+    def _rule(
+        axis_size: int, in_batched: list[bool], q: jax.Array, k: jax.Array, v: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], tuple[bool, bool]]:
+        def folded(x: jax.Array, mapped: bool) -> jax.Array:
+            x = x if mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
+            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
+
+        out, lse = batched(*(folded(x, m) for x, m in zip((q, k, v), in_batched, strict=True)))
+        return (
+            (
+                out.reshape(axis_size, -1, *out.shape[1:]),
+                lse.reshape(axis_size, -1, *lse.shape[1:]),
+            ),
+            (True, True),
+        )
+
+    return batched
+
+
+def mosaic_forward(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float,
+    block_kv: int,
+    stages: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Full attention's forward: ``(out (B, H, T, D), lse2 (B, H, T) float32)``, the base-2
+    log-sum-exp of ``scale * log2(e) * Q Kᵀ`` per row, as the Triton forward returns it.
+
+    Preconditions (checked by the caller, ``_pallas_flash.mosaic_forward_applies``): a Hopper
+    GPU; 2-byte Q/K/V of one dtype; head_dim (padded) 64 or 128; T a multiple of
+    :data:`MOSAIC_ROWS` and S of ``block_kv``; H a multiple of Hk; ``scale > 0``.
+    """
+    fn = _forward_fn(float(scale), block_kv, stages, HEADS_FASTEST, REDUCTION_SCRATCH_BYTES)
+    out, lse = fn(query, key, value)
+    return out, lse
