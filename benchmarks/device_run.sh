@@ -363,6 +363,84 @@ docs8)
   # gone. What remains of it: the table then FlexAttention on GPU 0, the kernel tests on GPU 1.
   table_beside_tests eighth2 240 225 150 135 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_flash.py
   ;;
+probe9)
+  # Ninth session, call 1: the forward with 8 warps (128 x 64 and 256 x 64) against 4 warps on
+  # the full configs on GPU 0; JAX's Mosaic-GPU FlashAttention-3 example at several tunings
+  # beside our Triton forward on GPU 1 (is a Mosaic-GPU forward worth writing?).
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 240 python3 benchmarks/pallas_flash.py --skip-table --warps-sweep --no-peers --fwd-block-kv 64 --tag warps9 --budget 220
+  ) >"$OUT/warps.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    cp "$(python3 -c 'import jax.experimental.pallas.ops.gpu.attention_mgpu as m; print(m.__file__)')" "$OUT/attention_mgpu_device.py.txt"
+    timeout 240 python3 benchmarks/mgpu_probe.py 200
+  ) >"$OUT/probe.log" 2>&1 &
+  wait
+  ;;
+mosaic9)
+  # Ninth session, call 2: the Mosaic-GPU forward (full attention) against Triton, then the
+  # full rows of the table and FlexAttention's on GPU 0; the PALLAS_FLASH GPU tests on GPU 1.
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 150 python3 benchmarks/pallas_flash.py --skip-table --mosaic-sweep --no-peers --fwd-block-kv 64 --tag mosaic9 --budget 130
+    timeout 120 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --only full --tag ninth1 --budget 105
+    timeout 90 python3 benchmarks/torch_peers.py 80 full
+  ) >"$OUT/table.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 150 -rf 2>&1 | tail -12
+  ) >"$OUT/gpu_tests.log" 2>&1 &
+  wait
+  ;;
+mosaic9b)
+  # Ninth session, call 3: the Mosaic-GPU forward's grid order and K/V slots beside JAX's own
+  # Mosaic-GPU example on GPU 0; the whole table (Mosaic-GPU forward on the full configs) and
+  # FlexAttention on GPU 1.
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 200 python3 benchmarks/pallas_flash.py --skip-table --mosaic-sweep2 --no-peers --fwd-block-kv 64 --tag mosaic9b --budget 180
+  ) >"$OUT/sweep.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 240 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --tag ninth2 --budget 225
+    timeout 150 python3 benchmarks/torch_peers.py 135
+  ) >"$OUT/table.log" 2>&1 &
+  wait
+  ;;
+tests9)
+  # Ninth session, call 4: the ring tests on both GPUs (full-attention pairs now take the
+  # Mosaic-GPU forward), then the GPU tests of every kernel built on PALLAS_FLASH's on GPU 1
+  # (decode, paged and LINEAR share nothing with it) beside the Mosaic-GPU forward's dtype
+  # probe on GPU 0.
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py tests/kernels/test_ring.py --timeout 120 -rf 2>&1 | tail -6 >"$OUT/ring_tests.log"
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 150 python3 benchmarks/pallas_flash.py --skip-table --mosaic-dtypes --no-peers --fwd-block-kv 64 --tag mosaicdtype9 --budget 130
+  ) >"$OUT/probe.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_flash.py --timeout 150 -rf 2>&1 | tail -15
+  ) >"$OUT/gpu_tests.log" 2>&1 &
+  wait
+  ;;
+final9)
+  # Ninth session's last call, final code: on GPU 0 the scale probe, then the full rows of the
+  # table and FlexAttention's again; on GPU 1 the whole table then FlexAttention.
+  (
+    export CUDA_VISIBLE_DEVICES=0 OUT="$OUT/gpu0"  # its own torch_peers.json
+    mkdir -p "$OUT"
+    timeout 90 python3 benchmarks/pallas_flash.py --skip-table --mosaic-scale --no-peers --fwd-block-kv 64 --tag mosaicscale9 --budget 75
+    timeout 120 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --only full --tag ninth3 --budget 105
+    timeout 90 python3 benchmarks/torch_peers.py 80 full
+  ) >"$OUT/gpu0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    timeout 240 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --tag ninth4 --budget 225
+    timeout 150 python3 benchmarks/torch_peers.py 135
+  ) >"$OUT/table.log" 2>&1 &
+  wait
+  ;;
 last8)
   # Eighth session's last call, on the final code: the ring tests on both GPUs (the dK/dV
   # kernel in place), then the documents and full rows beside FlexAttention on GPU 0 and the

@@ -374,10 +374,135 @@ def warps_sweep(budget: float) -> None:
         FlashConfig(block_kv=64),
         FlashConfig(block_kv=64, num_warps=8, num_stages=2),
         FlashConfig(block_kv=64, num_warps=8, num_stages=3),
+        # Ninth session: 256 query rows with 8 warps, each warpgroup holding the 128 rows one
+        # 4-warp program holds now, the two sharing every K/V tile loaded.
+        FlashConfig(block_q=256, block_kv=64, num_warps=8, num_stages=2),
+        FlashConfig(block_q=256, block_kv=64, num_warps=8, num_stages=3),
         FlashConfig(block_kv=64),
     ]
     chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
     run_variants(chosen, variants, _fwd_tag, None, budget, backward=False)
+
+
+def mosaic_sweep(budget: float) -> None:
+    """Ninth session: the Mosaic-GPU forward (full attention) against the Triton one, and its
+    key tile and pipeline slots, forward only, on the two full configs."""
+    variants = [
+        FlashConfig(block_kv=64, mosaic_forward=False),
+        FlashConfig(block_kv=64),
+        FlashConfig(block_kv=64, mosaic_stages=3),
+        FlashConfig(block_kv=64, mosaic_block_kv=64, mosaic_stages=3),
+        FlashConfig(block_kv=64, mosaic_block_kv=64, mosaic_stages=4),
+        FlashConfig(block_kv=64, mosaic_forward=False),
+        FlashConfig(block_kv=64),
+    ]
+    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
+    run_variants(chosen, variants, _mosaic_tag, None, budget, backward=False)
+
+
+def mosaic_sweep2(budget: float) -> None:
+    """Ninth session, call 3: why the Mosaic-GPU forward ran 7-15% behind JAX's own Mosaic-GPU
+    example (call 1): the grid's fastest axis, and three K/V slots once the reduction reserve
+    is gone; JAX's example (fp16, its (B, T, H, D) layout, no log-sum-exp output) in the same
+    process, forward only, on the two full configs."""
+    from attnax.kernels import _pallas_flash_mgpu as mgpu_kernel
+
+    variants = [
+        ("mosaic kv128 s2", FlashConfig(block_kv=64), False, None),
+        ("mosaic kv128 s2 heads fastest", FlashConfig(block_kv=64), True, None),
+        ("mosaic kv128 s2 no reserve", FlashConfig(block_kv=64), False, 0),
+        ("mosaic kv128 s3 no reserve", FlashConfig(block_kv=64, mosaic_stages=3), False, 0),
+        ("mosaic kv128 s3 no reserve heads fastest", FlashConfig(block_kv=64, mosaic_stages=3), True, 0),
+        ("mosaic kv128 s2", FlashConfig(block_kv=64), False, None),
+    ]
+    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
+    for cfg in chosen:
+        _jax_mosaic_example(cfg)
+        for label, flash, heads_fastest, reserve in variants:
+            if time.perf_counter() - START > budget:
+                return
+            mgpu_kernel.HEADS_FASTEST, mgpu_kernel.REDUCTION_SCRATCH_BYTES = heads_fastest, reserve
+            print("sweep " + label, flush=True)
+            before = len(rows)
+            run_config(cfg, flash, peers=False, budget=budget, backward=False)
+            for row in rows[before:]:
+                row["impl"], row["tag"] = "sweep " + label, "sweep"
+        _jax_mosaic_example(cfg)
+    mgpu_kernel.HEADS_FASTEST, mgpu_kernel.REDUCTION_SCRATCH_BYTES = False, None
+
+
+def mosaic_dtype_probe(budget: float) -> None:
+    """Ninth session, call 4: is the Mosaic-GPU forward's remaining gap to JAX's example the
+    dtype (the example runs fp16 only) or our wrapper? The kernel called directly in bf16 and
+    fp16, and through the public path, beside the example, forward only."""
+    from attnax.kernels._pallas_flash_mgpu import mosaic_forward
+
+    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
+    for cfg in chosen:
+        shape = (cfg["B"], HEADS, cfg["S"], HEAD_DIM)
+        keys = jax.random.split(jax.random.key(0), 3)
+        _jax_mosaic_example(cfg)
+        for dtype in (jnp.bfloat16, jnp.float16, jnp.bfloat16, jnp.float16):
+            if time.perf_counter() - START > budget:
+                return
+            q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
+            name = jnp.dtype(dtype).name
+            direct = jax.jit(
+                lambda q, k, v: mosaic_forward(q, k, v, scale=HEAD_DIM**-0.5, block_kv=128, stages=2)[0]
+            )
+            public = jax.jit(
+                lambda q, k, v: flash_attention_with_config(q, k, v, config=FlashConfig(block_kv=64))
+            )
+            for label, fn in ((f"mosaic_forward direct {name}", direct), (f"public path {name}", public)):
+                record("sweep " + label, cfg["name"], "fwd", timed(fn, q, k, v), flops_of(cfg))
+                rows[-1]["tag"] = "sweep"
+        _jax_mosaic_example(cfg)
+
+
+def mosaic_scale_probe(budget: float) -> None:
+    """Ninth session, call 5: JAX's example computes softmax(Q Kᵀ) with no 1/sqrt(D) scale, so
+    on random normal inputs its probabilities are nearly one-hot (mostly exact zeros into the
+    P V product). Prediction: the same kernel at scale 1 runs as fast as the example, i.e. the
+    gap in calls 3-4 is the inputs' values (the tensor cores' power draw), not the kernel."""
+    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
+    for cfg in chosen:
+        shape = (cfg["B"], HEADS, cfg["S"], HEAD_DIM)
+        keys = jax.random.split(jax.random.key(0), 3)
+        _jax_mosaic_example(cfg)
+        for dtype in (jnp.bfloat16, jnp.float16):
+            q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
+            for scale in (None, 1.0, None, 1.0):
+                if time.perf_counter() - START > budget:
+                    return
+                fn = jax.jit(
+                    lambda q, k, v, scale=scale: flash_attention_with_config(
+                        q, k, v, config=FlashConfig(block_kv=64), scale=scale
+                    )
+                )
+                label = f"sweep public path {jnp.dtype(dtype).name} scale {scale or 'default'}"
+                record(label, cfg["name"], "fwd", timed(fn, q, k, v), flops_of(cfg))
+                rows[-1]["tag"] = "sweep"
+        _jax_mosaic_example(cfg)
+
+
+def _jax_mosaic_example(cfg: dict[str, Any]) -> None:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    shape = (cfg["B"], cfg["S"], HEADS, HEAD_DIM)
+    q, k, v = (jax.random.normal(key, shape, jnp.float16) for key in jax.random.split(jax.random.key(0), 3))
+    tuning = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+    fn = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, tuning))
+    try:
+        record("sweep jax attention_mgpu fp16 kv128 s2", cfg["name"], "fwd", timed(fn, q, k, v), flops_of(cfg))
+        rows[-1]["tag"] = "sweep"
+    except Exception as error:  # noqa: BLE001 - a benchmark records failures and moves on
+        failed("sweep jax attention_mgpu", cfg["name"], "fwd", error)
+
+
+def _mosaic_tag(flash: FlashConfig) -> str:
+    if not flash.mosaic_forward:
+        return "triton " + _fwd_tag(flash)
+    return f"mosaic kv{flash.mosaic_block_kv} s{flash.mosaic_stages}"
 
 
 def listed_stages_sweep(budget: float) -> None:
@@ -411,6 +536,14 @@ def main() -> None:
                         help="the forward with 8 warps on the full configs (queued)")
     parser.add_argument("--listed-sweep", action="store_true",
                         help="the eighth session's backward stages for block lists")
+    parser.add_argument("--mosaic-sweep", action="store_true",
+                        help="the Mosaic-GPU forward against Triton on the full configs")
+    parser.add_argument("--mosaic-sweep2", action="store_true",
+                        help="the Mosaic-GPU forward's grid order and slots, beside JAX's example")
+    parser.add_argument("--mosaic-dtypes", action="store_true",
+                        help="the Mosaic-GPU forward in bf16 and fp16 beside JAX's example")
+    parser.add_argument("--mosaic-scale", action="store_true",
+                        help="the Mosaic-GPU forward at scale 1, as JAX's example computes")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
@@ -444,6 +577,14 @@ def main() -> None:
         listed_stages_sweep(args.budget)
     if args.warps_sweep:
         warps_sweep(args.budget)
+    if args.mosaic_sweep:
+        mosaic_sweep(args.budget)
+    if args.mosaic_sweep2:
+        mosaic_sweep2(args.budget)
+    if args.mosaic_dtypes:
+        mosaic_dtype_probe(args.budget)
+    if args.mosaic_scale:
+        mosaic_scale_probe(args.budget)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:
