@@ -158,8 +158,15 @@ class FlashConfig:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{_NAME}: `key_step_blocks` must be an int >= 0, got {steps!r}.")
         stages = self.mosaic_stages
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-            raise ValueError(f"{_NAME}: `mosaic_stages` must be an int >= 1, got {stages!r}.")
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
+            # One slot would make the producer wait for a step to finish before loading the
+            # next: no pipeline (JAX's Mosaic-GPU example requires two as well).
+            raise ValueError(f"{_NAME}: `mosaic_stages` must be an int >= 2, got {stages!r}.")
+        if isinstance(self.mosaic_block_kv, int) and self.mosaic_block_kv % 64:
+            raise ValueError(
+                f"{_NAME}: `mosaic_block_kv` must be a multiple of 64 (the Mosaic-GPU forward's "
+                f"shared-memory tiles are 64 wide), got {self.mosaic_block_kv}."
+            )
         for name in (
             "block_q",
             "block_kv",

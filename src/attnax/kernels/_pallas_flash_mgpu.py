@@ -35,15 +35,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 
-def _import_mosaic_gpu() -> Any:
+@functools.cache
+def _mosaic_gpu() -> Any:
+    """``jax.experimental.pallas.mosaic_gpu``, or None in a jax without it (then the Triton
+    forward serves every call). Imported on first use, not with attnax (0.3 s); untyped, as its
+    API is experimental and still moves between jax releases."""
     try:
         return importlib.import_module("jax.experimental.pallas.mosaic_gpu")
-    except ImportError:  # a jax without Mosaic GPU: the Triton forward serves every call
+    except ImportError:
         return None
-
-
-# Untyped: its API is experimental and still moves between jax releases.
-plgpu: Any = _import_mosaic_gpu()
 
 __all__ = ["MOSAIC_ROWS", "hopper_gpu", "mosaic_forward", "mosaic_gpu_available"]
 
@@ -66,13 +66,13 @@ REDUCTION_SCRATCH_BYTES: int | None = 0
 
 def mosaic_gpu_available() -> bool:
     """Whether this jax ships Mosaic GPU's Pallas API."""
-    return plgpu is not None
+    return _mosaic_gpu() is not None
 
 
 def hopper_gpu() -> bool:
     """Whether the default device is a Hopper GPU (compute capability 9.x), where the
     warpgroup matrix products this kernel is built on exist."""
-    if plgpu is None:
+    if _mosaic_gpu() is None:
         return False
     try:
         device = jax.devices()[0]
@@ -96,7 +96,7 @@ def _kernel(
     steps: int,
     exponent_scale: float,
 ) -> None:
-    assert plgpu is not None
+    plgpu = _mosaic_gpu()
     buffers, ready, free, schedule = scoped
     qo_smem2, k_smem, v_smem, lse_smem2 = buffers
     k_ready, v_ready, q_ready = ready
@@ -215,7 +215,7 @@ def _forward_fn(
     mapped axis into the batch axis (Mosaic GPU kernels have no batching rule of their own)."""
 
     def call(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        assert plgpu is not None
+        plgpu = _mosaic_gpu()
         batch, heads, seq_q, head_dim = q.shape
         kv_heads, seq_kv = k.shape[1], k.shape[2]
         steps = seq_kv // block_kv
