@@ -51,6 +51,7 @@ RULES = [
     (dict(num_heads=4, in_features=12, use_rope=True), "use_rope"),
     (dict(num_heads=4, in_features=32, attention_type="lite", attention_fn=attnax.standard_attention), "attention_fn"),
     (dict(num_heads=4, in_features=32, dropout_rate=-0.1), "dropout_rate"),
+    (dict(num_heads=4, in_features=32, use_rope=True, rope_base=6e-160), "rope_base"),
     (dict(num_heads=4, in_features=32, dropout_rate=1.0), "dropout_rate"),
     (dict(num_heads=0, in_features=32), "num_heads"),
     (dict(num_heads=4, in_features=32, attention_window=0), "attention_window"),

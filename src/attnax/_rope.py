@@ -21,6 +21,11 @@ def rope_table(
     """
     if head_dim % 2 != 0:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
+    if not base > 1.0:
+        raise ValueError(
+            f"RoPE needs a `base` above 1 (frequencies base**(-2i/head_dim) must fall with i; "
+            f"10000 is the usual choice), got {base}."
+        )
     inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     angles = jnp.arange(max_positions, dtype=jnp.float32)[:, None] * inv_freq[None, :]
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)

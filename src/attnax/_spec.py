@@ -13,7 +13,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PositiveFloat,
     PositiveInt,
     ValidationError,
     WithJsonSchema,
@@ -67,6 +66,10 @@ _OptionalScoreMod = Annotated[
     ScoreMod | None, WithJsonSchema({"type": "null", "description": _CALLABLE_NOTE})
 ]
 _DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
+# RoPE's frequencies are base^(-2i/D): a base above 1 makes them fall with i, as RoPE intends;
+# at or below 1 they do not, and a tiny base underflows in float32 to infinite frequencies
+# (NaN outputs, found by the property test).
+_RopeBase = Annotated[float, Field(gt=1.0)]
 
 # Backends whose math has no (query, key) score to modify or window to apply.
 _NO_SCORE_BACKENDS = frozenset({AttentionType.LINEAR, AttentionType.LITE})
@@ -140,7 +143,7 @@ class AttentionSpec(BaseModel, frozen=True, extra="forbid"):
     score_mod: _OptionalScoreMod = None
     attention_window: PositiveInt | None = None
     use_rope: bool = False
-    rope_base: PositiveFloat = 10000.0
+    rope_base: _RopeBase = 10000.0
     rope_max_positions: PositiveInt = 4096
     dtype: str | None = None
     param_dtype: str = "float32"

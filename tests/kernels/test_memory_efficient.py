@@ -111,6 +111,29 @@ def test_single_block_and_large_block_size() -> None:
     _assert_matches(11, score_mod=mods.causal_mod(), block_size=512, seq_q=7, seq_kv=7)
 
 
+@pytest.mark.parametrize(("seq_q", "seq_kv"), [(1, 1), (1, 5), (6, 1)])
+def test_length_one_sequences(seq_q: int, seq_kv: int) -> None:
+    # A length-1 query or key still gets 8-row tiles: it must be padded to them (a property
+    # test once found a crash here: a size-1 axis was taken for a broadcast mask's).
+    mask = jnp.asarray(np.random.default_rng(0).random((2, 1, seq_q, seq_kv)) < 0.7)
+    mask = mask.at[..., 0].set(True)
+    if seq_kv > 1:
+        _assert_matches(12, score_mod=mods.alibi_mod(4), block_size=8, seq_q=seq_q, seq_kv=seq_kv)
+        _assert_matches(13, mask=mask, block_size=8, seq_q=seq_q, seq_kv=seq_kv)
+        return
+    # One key: every output row is its value row, and the query and key gradients vanish
+    # (the softmax is 1 whatever the score), so they are compared absolutely.
+    query, key, value = random_qkv(14, seq_q=seq_q, seq_kv=seq_kv)
+    out, grads = _value_and_grads(
+        memory_efficient_attention, query, key, value, mask=mask, block_size=8
+    )
+    _, want = _value_and_grads(standard_attention, query, key, value, mask=mask)
+    assert relative_error(out, reference_attention(query, key, value, mask=mask)) < TOL
+    assert float(jnp.max(jnp.abs(grads[0]))) < 1e-6
+    assert float(jnp.max(jnp.abs(grads[1]))) < 1e-6
+    assert relative_error(grads[2], want[2]) < TOL
+
+
 def test_bias_gradient_dense_mask_and_empty_rows() -> None:
     query, key, value = random_qkv(3, num_heads=4, num_kv_heads=2, seq_q=10, seq_kv=9)
     bias = jax.random.normal(jax.random.key(1), (2, 1, 10, 9))

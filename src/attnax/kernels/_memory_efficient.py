@@ -163,8 +163,14 @@ class _Inputs:
     dropout_rng: jax.Array | None
 
 
-def _pad_axis(x: jax.Array, axis: int, target: int, value: Any = 0) -> jax.Array:
-    if x.shape[axis] in (1, target):
+def _pad_axis(
+    x: jax.Array, axis: int, target: int, value: Any = 0, *, broadcast: bool = False
+) -> jax.Array:
+    """Pad ``axis`` to ``target``; with ``broadcast`` a size-1 axis (a mask's) stays as it is.
+
+    Only masks broadcast: a query or key of length 1 is padded like any other (its tile is 8
+    rows), or the tiles would be sliced past its end."""
+    if x.shape[axis] == target or (broadcast and x.shape[axis] == 1):
         return x
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, target - x.shape[axis])
@@ -187,7 +193,11 @@ def _prepare(
     padded_mask = None
     if mask is not None:
         padded_mask = _pad_axis(
-            _pad_axis(mask, 2, config.padded_q, False), 3, config.padded_kv, False
+            _pad_axis(mask, 2, config.padded_q, False, broadcast=True),
+            3,
+            config.padded_kv,
+            False,
+            broadcast=True,
         )
     return _Inputs(
         query=_pad_axis(grouped, 3, config.padded_q),
