@@ -8,20 +8,41 @@ source "$(ls -d ../shared shared .device_shared 2>/dev/null | head -1)/gpu/setup
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
-# The PALLAS_FLASH table (128 x 64 forward tiles) then FlexAttention on GPU 0, beside pytest's
-# GPU tests on GPU 1: table_beside_tests TAG TABLE_TIMEOUT TABLE_BUDGET FLEX_TIMEOUT
-# FLEX_BUDGET TEST_TIMEOUT PYTEST_PATHS...
+# The PALLAS_FLASH table (128 x 64 forward tiles; ONLY: config-name tokens, "" for all) then
+# FlexAttention's rows, on the current GPU:
+# table_and_flex TAG ONLY TABLE_TIMEOUT TABLE_BUDGET FLEX_TIMEOUT FLEX_BUDGET
+table_and_flex() {
+  local only=()
+  [ -n "$2" ] && only=(--only "$2")
+  timeout "$3" python3 benchmarks/pallas_flash.py --fwd-block-kv 64 "${only[@]}" --tag "$1" --budget "$4"
+  timeout "$5" python3 benchmarks/torch_peers.py "$6" $2
+}
+# pytest's GPU tests on the current GPU, the summary's last lines: gpu_tests TIMEOUT PYTEST_ARGS...
+gpu_tests() {
+  local limit=$1
+  shift
+  timeout "$limit" python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 "$@" --timeout 150 -rf 2>&1 | tail -15
+}
+# One of pallas_flash.py's sweeps (no table, no peers, 128 x 64 forward tiles) on the current
+# GPU: sweep TAG TIMEOUT BUDGET SWEEP_ARGS...
+sweep() {
+  local tag=$1 limit=$2 budget=$3
+  shift 3
+  timeout "$limit" python3 benchmarks/pallas_flash.py --skip-table --no-peers --fwd-block-kv 64 "$@" --tag "$tag" --budget "$budget"
+}
+# The table then FlexAttention on GPU 0, beside pytest's GPU tests on GPU 1:
+# table_beside_tests TAG TABLE_TIMEOUT TABLE_BUDGET FLEX_TIMEOUT FLEX_BUDGET TEST_TIMEOUT
+# PYTEST_PATHS...
 table_beside_tests() {
   local tag=$1 table_timeout=$2 table_budget=$3 flex_timeout=$4 flex_budget=$5 test_timeout=$6
   shift 6
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout "$table_timeout" python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --tag "$tag" --budget "$table_budget"
-    timeout "$flex_timeout" python3 benchmarks/torch_peers.py "$flex_budget"
+    table_and_flex "$tag" "" "$table_timeout" "$table_budget" "$flex_timeout" "$flex_budget"
   ) >"$OUT/table.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout "$test_timeout" python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 "$@" --timeout 150 -rf 2>&1 | tail -8
+    gpu_tests "$test_timeout" "$@"
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
 }
@@ -333,7 +354,7 @@ bwdsweep3)
   for part in 0 1; do
     (
       export CUDA_VISIBLE_DEVICES=$part
-      timeout 280 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep3 $part --no-peers --fwd-block-kv 64 --tag bwdsweep3_part$part --budget 250
+      sweep bwdsweep3_part$part 280 250 --bwd-sweep3 $part
     ) >"$OUT/bwdsweep3_part$part.log" 2>&1 &
   done
   wait
@@ -343,12 +364,12 @@ sweep8)
   # variants, half on each GPU (each with both baselines); the kernels' GPU tests first on GPU 1.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 420 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep4 0 --no-peers --fwd-block-kv 64 --tag bwdsweep4_part0 --budget 395
+    sweep bwdsweep4_part0 420 395 --bwd-sweep4 0
   ) >"$OUT/bwdsweep4_part0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 120 -rf 2>&1 | tail -8
-    timeout 290 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep4 1 --no-peers --fwd-block-kv 64 --tag bwdsweep4_part1 --budget 265
+    gpu_tests 140 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py
+    sweep bwdsweep4_part1 290 265 --bwd-sweep4 1
   ) >"$OUT/bwdsweep4_part1.log" 2>&1 &
   wait
   ;;
@@ -366,15 +387,16 @@ docs8)
 probe9)
   # Ninth session, call 1: the forward with 8 warps (128 x 64 and 256 x 64) against 4 warps on
   # the full configs on GPU 0; JAX's Mosaic-GPU FlashAttention-3 example at several tunings
-  # beside our Triton forward on GPU 1 (is a Mosaic-GPU forward worth writing?).
+  # beside our Triton forward on GPU 1 (is a Mosaic-GPU forward worth writing? Run then by
+  # benchmarks/mgpu_probe.py, since folded into pallas_flash.py's --mosaic example).
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 240 python3 benchmarks/pallas_flash.py --skip-table --warps-sweep --no-peers --fwd-block-kv 64 --tag warps9 --budget 220
+    sweep warps9 240 220 --warps-sweep
   ) >"$OUT/warps.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
     cp "$(python3 -c 'import jax.experimental.pallas.ops.gpu.attention_mgpu as m; print(m.__file__)')" "$OUT/attention_mgpu_device.py.txt"
-    timeout 240 python3 benchmarks/mgpu_probe.py 200
+    sweep mgpuprobe9 240 200 --mosaic example
   ) >"$OUT/probe.log" 2>&1 &
   wait
   ;;
@@ -383,28 +405,26 @@ mosaic9)
   # full rows of the table and FlexAttention's on GPU 0; the PALLAS_FLASH GPU tests on GPU 1.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 150 python3 benchmarks/pallas_flash.py --skip-table --mosaic-sweep --no-peers --fwd-block-kv 64 --tag mosaic9 --budget 130
-    timeout 120 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --only full --tag ninth1 --budget 105
-    timeout 90 python3 benchmarks/torch_peers.py 80 full
+    sweep mosaic9 150 130 --mosaic forward
+    table_and_flex ninth1 full 120 105 90 80
   ) >"$OUT/table.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 150 -rf 2>&1 | tail -12
+    gpu_tests 330 tests/kernels/test_pallas_flash.py
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
 mosaic9b)
-  # Ninth session, call 3: the Mosaic-GPU forward's grid order and K/V slots beside JAX's own
-  # Mosaic-GPU example on GPU 0; the whole table (Mosaic-GPU forward on the full configs) and
-  # FlexAttention on GPU 1.
+  # Ninth session, call 3: the Mosaic-GPU forward's reduction reserve and K/V slots (and then
+  # the grid's order) beside JAX's own Mosaic-GPU example on GPU 0; the whole table
+  # (Mosaic-GPU forward on the full configs) and FlexAttention on GPU 1.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 200 python3 benchmarks/pallas_flash.py --skip-table --mosaic-sweep2 --no-peers --fwd-block-kv 64 --tag mosaic9b --budget 180
+    sweep mosaic9b 200 180 --mosaic reserve
   ) >"$OUT/sweep.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 240 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --tag ninth2 --budget 225
-    timeout 150 python3 benchmarks/torch_peers.py 135
+    table_and_flex ninth2 "" 240 225 150 135
   ) >"$OUT/table.log" 2>&1 &
   wait
   ;;
@@ -413,14 +433,14 @@ tests9)
   # Mosaic-GPU forward), then the GPU tests of every kernel built on PALLAS_FLASH's on GPU 1
   # (decode, paged and LINEAR share nothing with it) beside the Mosaic-GPU forward's dtype
   # probe on GPU 0.
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py tests/kernels/test_ring.py --timeout 120 -rf 2>&1 | tail -6 >"$OUT/ring_tests.log"
+  gpu_tests 150 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py tests/kernels/test_ring.py >"$OUT/ring_tests.log"
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 150 python3 benchmarks/pallas_flash.py --skip-table --mosaic-dtypes --no-peers --fwd-block-kv 64 --tag mosaicdtype9 --budget 130
+    sweep mosaicdtype9 150 130 --mosaic dtypes
   ) >"$OUT/probe.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_flash.py --timeout 150 -rf 2>&1 | tail -15
+    gpu_tests 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_flash.py
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -430,14 +450,12 @@ final9)
   (
     export CUDA_VISIBLE_DEVICES=0 OUT="$OUT/gpu0"  # its own torch_peers.json
     mkdir -p "$OUT"
-    timeout 90 python3 benchmarks/pallas_flash.py --skip-table --mosaic-scale --no-peers --fwd-block-kv 64 --tag mosaicscale9 --budget 75
-    timeout 120 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --only full --tag ninth3 --budget 105
-    timeout 90 python3 benchmarks/torch_peers.py 80 full
+    sweep mosaicscale9 90 75 --mosaic scale
+    table_and_flex ninth3 full 120 105 90 80
   ) >"$OUT/gpu0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 240 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --tag ninth4 --budget 225
-    timeout 150 python3 benchmarks/torch_peers.py 135
+    table_and_flex ninth4 "" 240 225 150 135
   ) >"$OUT/table.log" 2>&1 &
   wait
   ;;
@@ -445,15 +463,14 @@ last8)
   # Eighth session's last call, on the final code: the ring tests on both GPUs (the dK/dV
   # kernel in place), then the documents and full rows beside FlexAttention on GPU 0 and the
   # PALLAS_FLASH GPU tests on GPU 1.
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py --timeout 120 -rf 2>&1 | tail -6 >"$OUT/ring_tests.log"
+  gpu_tests 150 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py >"$OUT/ring_tests.log"
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 120 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --only 4docs,full --tag eighth3 --budget 105
-    timeout 90 python3 benchmarks/torch_peers.py 80 4docs,full
+    table_and_flex eighth3 4docs,full 120 105 90 80
   ) >"$OUT/table.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 220 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 120 -rf 2>&1 | tail -8
+    gpu_tests 220 tests/kernels/test_pallas_flash.py
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -462,11 +479,11 @@ stages8)
   # (documents, interleaved twice) on GPU 0; the documents GPU tests with three on GPU 1.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 150 python3 benchmarks/pallas_flash.py --skip-table --listed-sweep --no-peers --fwd-block-kv 64 --tag listedstages --budget 135
+    sweep listedstages 150 135 --listed-sweep
   ) >"$OUT/listed.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py -k "documents" --timeout 120 -rf 2>&1 | tail -4
+    gpu_tests 150 tests/kernels/test_pallas_flash.py -k "documents"
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -475,7 +492,7 @@ final7)
   # interval masks) then FlexAttention on GPU 0; every single-GPU test on GPU 1; then the ring
   # tests on both GPUs.
   table_beside_tests seventh 200 170 170 150 360 tests --ignore tests/kernels/test_ring_flash.py --ignore tests/kernels/test_ring_pallas.py
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py --timeout 120 -rf 2>&1 | tail -6 >"$OUT/ring_tests.log"
+  gpu_tests 150 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py >"$OUT/ring_tests.log"
   ;;
 last7)
   # The float32 bias-gradient test after wide dQ was limited to 2-byte inputs without a bias

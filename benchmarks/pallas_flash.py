@@ -384,9 +384,17 @@ def warps_sweep(budget: float) -> None:
     run_variants(chosen, variants, _fwd_tag, None, budget, backward=False)
 
 
-def mosaic_sweep(budget: float) -> None:
-    """Ninth session: the Mosaic-GPU forward (full attention) against the Triton one, and its
-    key tile and pipeline slots, forward only, on the two full configs."""
+# The ninth session's Mosaic-GPU probes, each on the two full configs: ``--mosaic NAME``.
+_FULL = ("B4 S4096 full", "B1 S16384 full")
+
+
+def _full_configs() -> list[dict[str, Any]]:
+    return [c for c in config_list() if c["name"] in _FULL]
+
+
+def mosaic_forward_sweep(budget: float) -> None:
+    """Call 2: the Mosaic-GPU forward against the Triton one, and its key tile and pipeline
+    slots, forward only."""
     variants = [
         FlashConfig(block_kv=64, mosaic_forward=False),
         FlashConfig(block_kv=64),
@@ -396,113 +404,135 @@ def mosaic_sweep(budget: float) -> None:
         FlashConfig(block_kv=64, mosaic_forward=False),
         FlashConfig(block_kv=64),
     ]
-    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
-    run_variants(chosen, variants, _mosaic_tag, None, budget, backward=False)
+    run_variants(_full_configs(), variants, _mosaic_tag, None, budget, backward=False)
 
 
-def mosaic_sweep2(budget: float) -> None:
-    """Ninth session, call 3: why the Mosaic-GPU forward ran 7-15% behind JAX's own Mosaic-GPU
-    example (call 1): the grid's fastest axis, and three K/V slots once the reduction reserve
-    is gone; JAX's example (fp16, its (B, T, H, D) layout, no log-sum-exp output) in the same
-    process, forward only, on the two full configs."""
+def mosaic_reserve_sweep(budget: float) -> None:
+    """Call 3: the Mosaic-GPU forward without the reduction reserve, and three K/V slots once
+    that frees their shared memory, beside JAX's example. (Call 3 also ran the grid with heads
+    fastest, no different; that switch is gone.)"""
     from attnax.kernels import _pallas_flash_mgpu as mgpu_kernel
 
     variants = [
-        ("mosaic kv128 s2", FlashConfig(block_kv=64), False, None),
-        ("mosaic kv128 s2 heads fastest", FlashConfig(block_kv=64), True, None),
-        ("mosaic kv128 s2 no reserve", FlashConfig(block_kv=64), False, 0),
-        ("mosaic kv128 s3 no reserve", FlashConfig(block_kv=64, mosaic_stages=3), False, 0),
-        ("mosaic kv128 s3 no reserve heads fastest", FlashConfig(block_kv=64, mosaic_stages=3), True, 0),
-        ("mosaic kv128 s2", FlashConfig(block_kv=64), False, None),
+        ("mosaic kv128 s2", FlashConfig(block_kv=64), None),
+        ("mosaic kv128 s2 no reserve", FlashConfig(block_kv=64), 0),
+        ("mosaic kv128 s3 no reserve", FlashConfig(block_kv=64, mosaic_stages=3), 0),
+        ("mosaic kv128 s2", FlashConfig(block_kv=64), None),
     ]
-    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
-    for cfg in chosen:
+    kept = mgpu_kernel.REDUCTION_SCRATCH_BYTES
+    for cfg in _full_configs():
         _jax_mosaic_example(cfg)
-        for label, flash, heads_fastest, reserve in variants:
+        for label, flash, reserve in variants:
             if time.perf_counter() - START > budget:
-                return
-            mgpu_kernel.HEADS_FASTEST, mgpu_kernel.REDUCTION_SCRATCH_BYTES = heads_fastest, reserve
+                break
+            mgpu_kernel.REDUCTION_SCRATCH_BYTES = reserve
             print("sweep " + label, flush=True)
             before = len(rows)
             run_config(cfg, flash, peers=False, budget=budget, backward=False)
             for row in rows[before:]:
                 row["impl"], row["tag"] = "sweep " + label, "sweep"
         _jax_mosaic_example(cfg)
-    mgpu_kernel.HEADS_FASTEST, mgpu_kernel.REDUCTION_SCRATCH_BYTES = False, None
+    mgpu_kernel.REDUCTION_SCRATCH_BYTES = kept
 
 
-def mosaic_dtype_probe(budget: float) -> None:
-    """Ninth session, call 4: is the Mosaic-GPU forward's remaining gap to JAX's example the
-    dtype (the example runs fp16 only) or our wrapper? The kernel called directly in bf16 and
-    fp16, and through the public path, beside the example, forward only."""
-    from attnax.kernels._pallas_flash_mgpu import mosaic_forward
-
-    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
-    for cfg in chosen:
+def _timed_forwards(budget: float, forwards: list[tuple[str, Any, Callable[..., Any]]]) -> None:
+    """On each full config: JAX's example, then every ``(label, dtype, fn)`` forward on
+    (B, H, S, D) inputs of that dtype, then the example again."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    for cfg in _full_configs():
         shape = (cfg["B"], HEADS, cfg["S"], HEAD_DIM)
-        keys = jax.random.split(jax.random.key(0), 3)
         _jax_mosaic_example(cfg)
-        for dtype in (jnp.bfloat16, jnp.float16, jnp.bfloat16, jnp.float16):
+        for label, dtype, fn in forwards:
             if time.perf_counter() - START > budget:
                 return
             q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
-            name = jnp.dtype(dtype).name
-            direct = jax.jit(
-                lambda q, k, v: mosaic_forward(q, k, v, scale=HEAD_DIM**-0.5, block_kv=128, stages=2)[0]
-            )
-            public = jax.jit(
-                lambda q, k, v: flash_attention_with_config(q, k, v, config=FlashConfig(block_kv=64))
-            )
-            for label, fn in ((f"mosaic_forward direct {name}", direct), (f"public path {name}", public)):
-                record("sweep " + label, cfg["name"], "fwd", timed(fn, q, k, v), flops_of(cfg))
-                rows[-1]["tag"] = "sweep"
+            record("sweep " + label, cfg["name"], "fwd", timed(jax.jit(fn), q, k, v), flops_of(cfg))
+            rows[-1]["tag"] = "sweep"
         _jax_mosaic_example(cfg)
+
+
+def _public(**kwargs: Any) -> Callable[..., Any]:
+    """The public path with 128 x 64 Triton tiles (the Mosaic-GPU forward where it applies)."""
+    return lambda q, k, v: flash_attention_with_config(q, k, v, config=FlashConfig(block_kv=64), **kwargs)
+
+
+def mosaic_dtype_probe(budget: float) -> None:
+    """Call 4: is the Mosaic-GPU forward's gap to JAX's example the dtype (the example runs
+    fp16 only) or our wrapper? The kernel called directly and through the public path, in bf16
+    and fp16."""
+    from attnax.kernels._pallas_flash_mgpu import mosaic_forward
+
+    def direct(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return mosaic_forward(q, k, v, scale=HEAD_DIM**-0.5, block_kv=128, stages=2)[0]
+
+    forwards = []
+    for dtype in (jnp.bfloat16, jnp.float16) * 2:
+        name = jnp.dtype(dtype).name
+        forwards += [(f"mosaic_forward direct {name}", dtype, direct),
+                     (f"public path {name}", dtype, _public())]
+    _timed_forwards(budget, forwards)
 
 
 def mosaic_scale_probe(budget: float) -> None:
-    """Ninth session, call 5: JAX's example computes softmax(Q Kᵀ) with no 1/sqrt(D) scale, so
-    on random normal inputs its probabilities are nearly one-hot (mostly exact zeros into the
-    P V product). Prediction: the same kernel at scale 1 runs as fast as the example, i.e. the
-    gap in calls 3-4 is the inputs' values (the tensor cores' power draw), not the kernel."""
-    chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 full")]
-    for cfg in chosen:
-        shape = (cfg["B"], HEADS, cfg["S"], HEAD_DIM)
-        keys = jax.random.split(jax.random.key(0), 3)
-        _jax_mosaic_example(cfg)
-        for dtype in (jnp.bfloat16, jnp.float16):
-            q, k, v = (jax.random.normal(key, shape, dtype) for key in keys)
-            for scale in (None, 1.0, None, 1.0):
-                if time.perf_counter() - START > budget:
-                    return
-                fn = jax.jit(
-                    lambda q, k, v, scale=scale: flash_attention_with_config(
-                        q, k, v, config=FlashConfig(block_kv=64), scale=scale
-                    )
-                )
-                label = f"sweep public path {jnp.dtype(dtype).name} scale {scale or 'default'}"
-                record(label, cfg["name"], "fwd", timed(fn, q, k, v), flops_of(cfg))
-                rows[-1]["tag"] = "sweep"
-        _jax_mosaic_example(cfg)
+    """Call 5: JAX's example computes softmax(Q Kᵀ) with no 1/sqrt(D) scale, so on random
+    normal inputs its probabilities are nearly one-hot (mostly exact zeros into the P V
+    product). Prediction: the same kernel at scale 1 runs as fast as the example, i.e. the gap
+    in calls 3-4 is the inputs' values (the tensor cores' power draw), not the kernel."""
+    _timed_forwards(budget, [
+        (f"public path {jnp.dtype(dtype).name} scale {scale or 'default'}", dtype, _public(scale=scale))
+        for dtype in (jnp.bfloat16, jnp.float16)
+        for scale in (None, 1.0, None, 1.0)
+    ])
 
 
-def _jax_mosaic_example(cfg: dict[str, Any]) -> None:
+def mosaic_example_probe(budget: float) -> None:
+    """Call 1 (then ``benchmarks/mgpu_probe.py``, ``results/mgpu_probe_ninth_h100.json``): is a
+    Mosaic-GPU forward worth writing? JAX's example at several tunings beside our Triton
+    forward in bf16 and fp16."""
+    triton = FlashConfig(block_kv=64, mosaic_forward=False)
+    forwards = [
+        (f"attnax triton 128x64 {jnp.dtype(dtype).name}", dtype,
+         lambda q, k, v: flash_attention_with_config(q, k, v, config=triton))
+        for dtype in (jnp.bfloat16, jnp.float16)
+    ]
+    _timed_forwards(budget, forwards)
+    for cfg in _full_configs():
+        for block_kv, stages in ((64, 2), (128, 3), (64, 3), (64, 4), (256, 2)):
+            if time.perf_counter() - START > budget:
+                return
+            _jax_mosaic_example(cfg, block_kv=block_kv, stages=stages)
+
+
+def _jax_mosaic_example(cfg: dict[str, Any], block_kv: int = 128, stages: int = 2) -> None:
+    """JAX's Mosaic-GPU FlashAttention-3 example, forward only: fp16 (its shared memory is
+    declared float16), its (B, T, H, D) layout, no log-sum-exp output, 2 x 64 query rows."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
     shape = (cfg["B"], cfg["S"], HEADS, HEAD_DIM)
     q, k, v = (jax.random.normal(key, shape, jnp.float16) for key in jax.random.split(jax.random.key(0), 3))
-    tuning = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+    tuning = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=stages)
     fn = jax.jit(lambda q, k, v: attention_mgpu.attention(q, k, v, tuning))
+    impl = f"sweep jax attention_mgpu fp16 kv{block_kv} s{stages}"
     try:
-        record("sweep jax attention_mgpu fp16 kv128 s2", cfg["name"], "fwd", timed(fn, q, k, v), flops_of(cfg))
+        record(impl, cfg["name"], "fwd", timed(fn, q, k, v), flops_of(cfg))
         rows[-1]["tag"] = "sweep"
     except Exception as error:  # noqa: BLE001 - a benchmark records failures and moves on
-        failed("sweep jax attention_mgpu", cfg["name"], "fwd", error)
+        failed(impl, cfg["name"], "fwd", error)
 
 
 def _mosaic_tag(flash: FlashConfig) -> str:
     if not flash.mosaic_forward:
         return "triton " + _fwd_tag(flash)
     return f"mosaic kv{flash.mosaic_block_kv} s{flash.mosaic_stages}"
+
+
+MOSAIC_PROBES: dict[str, Callable[[float], None]] = {
+    "example": mosaic_example_probe,
+    "forward": mosaic_forward_sweep,
+    "reserve": mosaic_reserve_sweep,
+    "dtypes": mosaic_dtype_probe,
+    "scale": mosaic_scale_probe,
+}
 
 
 def listed_stages_sweep(budget: float) -> None:
@@ -536,14 +566,8 @@ def main() -> None:
                         help="the forward with 8 warps on the full configs (queued)")
     parser.add_argument("--listed-sweep", action="store_true",
                         help="the eighth session's backward stages for block lists")
-    parser.add_argument("--mosaic-sweep", action="store_true",
-                        help="the Mosaic-GPU forward against Triton on the full configs")
-    parser.add_argument("--mosaic-sweep2", action="store_true",
-                        help="the Mosaic-GPU forward's grid order and slots, beside JAX's example")
-    parser.add_argument("--mosaic-dtypes", action="store_true",
-                        help="the Mosaic-GPU forward in bf16 and fp16 beside JAX's example")
-    parser.add_argument("--mosaic-scale", action="store_true",
-                        help="the Mosaic-GPU forward at scale 1, as JAX's example computes")
+    parser.add_argument("--mosaic", choices=sorted(MOSAIC_PROBES), default=None,
+                        help="one of the ninth session's Mosaic-GPU probes (full configs)")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")
@@ -577,14 +601,8 @@ def main() -> None:
         listed_stages_sweep(args.budget)
     if args.warps_sweep:
         warps_sweep(args.budget)
-    if args.mosaic_sweep:
-        mosaic_sweep(args.budget)
-    if args.mosaic_sweep2:
-        mosaic_sweep2(args.budget)
-    if args.mosaic_dtypes:
-        mosaic_dtype_probe(args.budget)
-    if args.mosaic_scale:
-        mosaic_scale_probe(args.budget)
+    if args.mosaic is not None:
+        MOSAIC_PROBES[args.mosaic](args.budget)
     # Ratios: ours over each peer, same config and mode.
     ratios = []
     for row in rows:

@@ -609,6 +609,7 @@ def test_every_supported_mod_lowers_to_triton() -> None:
         ("alibi", False),
         ("dense mask", False),
         ("float32", False),
+        ("mixed half types", False),  # wgmma takes one operand type
         ("head_dim 256", False),
         ("query length 200", False),  # padded query rows
         ("key length 320", False),  # a padded key tile would need a mask
@@ -631,6 +632,8 @@ def test_mosaic_forward_only_where_chosen(case: str, expected: bool) -> None:
     seq_kv = 320 if case == "key length 320" else 256
     q, k, v = random_qkv(7, batch=1, num_heads=4, num_kv_heads=2 if "gqa" in case else 4,
                          seq_q=seq_q, seq_kv=seq_kv, head_dim=head_dim, dtype=dtype)
+    if case == "mixed half types":
+        k, v = k.astype(jnp.float16), v.astype(jnp.float16)
     mod: Any = {
         "causal": mods.causal_mod(),
         "alibi": mods.alibi_mod(4),

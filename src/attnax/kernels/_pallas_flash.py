@@ -1163,8 +1163,7 @@ def mosaic_forward_applies(
     if not (
         full_attention
         and whole_tiles
-        and len(dtypes) == 1
-        and dtypes.pop().itemsize == 2
+        and dtypes in ({jnp.dtype(jnp.bfloat16)}, {jnp.dtype(jnp.float16)})
         and padded_d in (64, 128)
         and scale > 0
         and mosaic_gpu_available()

@@ -45,6 +45,7 @@ def _mosaic_gpu() -> Any:
     except ImportError:
         return None
 
+
 __all__ = ["MOSAIC_ROWS", "hopper_gpu", "mosaic_forward", "mosaic_gpu_available"]
 
 _LOG2E = math.log2(math.e)
@@ -54,10 +55,8 @@ _WARPGROUP_ROWS = 64
 _CONSUMERS = 2
 # Query rows per program: sequences must be a multiple of this.
 MOSAIC_ROWS = _WARPGROUP_ROWS * _CONSUMERS
-# Read at trace time (benchmarks/pallas_flash.py --mosaic-sweep flips them). The grid's
-# fastest axis: query tiles (the programs running at once share one head's K/V) or heads.
-HEADS_FASTEST = False
-# Shared memory Mosaic GPU reserves for cross-warp reductions (None: its default). The row
+# Shared memory Mosaic GPU reserves for cross-warp reductions (None: its default; read at
+# trace time, ``benchmarks/pallas_flash.py --mosaic reserve`` flips it). The row
 # reductions here stay inside a warp (the WGMMA layout splits rows, not columns, over warps),
 # so none is needed; on an H100 the forward ran 1-3% faster without it (NOTES, "Ninth
 # session"), and three K/V slots of 128 x 128 fit only without it.
@@ -209,7 +208,7 @@ def _kernel(
 
 @functools.cache
 def _forward_fn(
-    scale: float, block_kv: int, stages: int, heads_fastest: bool, reduction_scratch: int | None
+    scale: float, block_kv: int, stages: int, reduction_scratch: int | None
 ) -> Callable[..., Any]:
     """The kernel for one (scale, block_kv, stages), with a vmap rule: batched calls fold the
     mapped axis into the batch axis (Mosaic GPU kernels have no batching rule of their own)."""
@@ -255,10 +254,6 @@ def _forward_fn(
                 collective_axes="wg",
             )
 
-        grid: tuple[int, ...] = (seq_q // MOSAIC_ROWS, heads, batch)
-        names: tuple[str, ...] = ("q_tile", "head", "batch")
-        if heads_fastest:
-            grid, names = (heads, seq_q // MOSAIC_ROWS, batch), ("head", "q_tile", "batch")
         params = {}
         if reduction_scratch is not None:
             params["reduction_scratch_bytes"] = reduction_scratch
@@ -268,8 +263,10 @@ def _forward_fn(
                 jax.ShapeDtypeStruct(q.shape, q.dtype),  # type: ignore[no-untyped-call]
                 jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),  # type: ignore[no-untyped-call]
             ),
-            grid=grid,
-            grid_names=names,
+            # Query tiles vary fastest, so the programs running at once share one head's K/V
+            # in L2 (heads fastest, as in JAX's example, measured the same).
+            grid=(seq_q // MOSAIC_ROWS, heads, batch),
+            grid_names=("q_tile", "head", "batch"),
             num_threads=_CONSUMERS + 1,
             thread_name="wg",
             compiler_params=plgpu.CompilerParams(approx_math=True, **params),
@@ -316,6 +313,6 @@ def mosaic_forward(
     GPU; 2-byte Q/K/V of one dtype; head_dim (padded) 64 or 128; T a multiple of
     :data:`MOSAIC_ROWS` and S of ``block_kv``; H a multiple of Hk; ``scale > 0``.
     """
-    fn = _forward_fn(float(scale), block_kv, stages, HEADS_FASTEST, REDUCTION_SCRATCH_BYTES)
+    fn = _forward_fn(float(scale), block_kv, stages, REDUCTION_SCRATCH_BYTES)
     out, lse = fn(query, key, value)
     return out, lse
