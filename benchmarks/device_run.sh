@@ -459,6 +459,19 @@ final9)
   ) >"$OUT/table.log" 2>&1 &
   wait
   ;;
+draft10)
+  # Queued (ninth session, not yet run): the draft Mosaic-GPU backward's GPU tests on GPU 1,
+  # its forward+backward against the Triton backward and JAX's example on GPU 0.
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    sweep mosaicbwd10 200 180 --mosaic backward
+  ) >"$OUT/sweep.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    gpu_tests 200 tests/kernels/test_pallas_flash.py -k "mosaic"
+  ) >"$OUT/gpu_tests.log" 2>&1 &
+  wait
+  ;;
 last8)
   # Eighth session's last call, on the final code: the ring tests on both GPUs (the dK/dV
   # kernel in place), then the documents and full rows beside FlexAttention on GPU 0 and the

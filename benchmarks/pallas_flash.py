@@ -503,7 +503,29 @@ def mosaic_example_probe(budget: float) -> None:
             _jax_mosaic_example(cfg, block_kv=block_kv, stages=stages)
 
 
-def _jax_mosaic_example(cfg: dict[str, Any], block_kv: int = 128, stages: int = 2) -> None:
+def mosaic_backward_sweep(budget: float) -> None:
+    """Queued (ninth session, not yet run): the draft Mosaic-GPU backward
+    (``FlashConfig.mosaic_backward``) against the Triton backward, forward+backward,
+    interleaved twice; JAX's example's own forward+backward (fp16) in the same process."""
+    variants = [
+        ("triton backward", FlashConfig(block_kv=64)),
+        ("mosaic backward", FlashConfig(block_kv=64, mosaic_backward=True)),
+    ] * 2
+    for cfg in _full_configs():
+        _jax_mosaic_example(cfg, backward=True)
+        for label, flash in variants:
+            if time.perf_counter() - START > budget:
+                return
+            print("sweep " + label, flush=True)
+            before = len(rows)
+            run_config(cfg, flash, peers=False, budget=budget, backward=True)
+            for row in rows[before:]:
+                row["impl"], row["tag"] = "sweep " + label, "sweep"
+
+
+def _jax_mosaic_example(
+    cfg: dict[str, Any], block_kv: int = 128, stages: int = 2, backward: bool = False
+) -> None:
     """JAX's Mosaic-GPU FlashAttention-3 example, forward only: fp16 (its shared memory is
     declared float16), its (B, T, H, D) layout, no log-sum-exp output, 2 x 64 query rows."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu
@@ -518,6 +540,19 @@ def _jax_mosaic_example(cfg: dict[str, Any], block_kv: int = 128, stages: int = 
         rows[-1]["tag"] = "sweep"
     except Exception as error:  # noqa: BLE001 - a benchmark records failures and moves on
         failed(impl, cfg["name"], "fwd", error)
+    if not backward:
+        return
+    # Its backward needs its backward tiles (64 x 64 in both kernels, as ours).
+    tuning = attention_mgpu.TuningConfig(
+        block_q=64, block_kv=block_kv, max_concurrent_steps=stages, block_q_dkv=64,
+        block_kv_dkv=64, block_q_dq=64, block_kv_dq=64,
+    )
+    example = grad_of(lambda q, k, v: attention_mgpu.attention(q, k, v, tuning))
+    try:
+        record(impl, cfg["name"], "fwd+bwd", timed(example, q, k, v), 3.5 * flops_of(cfg))
+        rows[-1]["tag"] = "sweep"
+    except Exception as error:  # noqa: BLE001
+        failed(impl, cfg["name"], "fwd+bwd", error)
 
 
 def _mosaic_tag(flash: FlashConfig) -> str:
@@ -532,6 +567,7 @@ MOSAIC_PROBES: dict[str, Callable[[float], None]] = {
     "reserve": mosaic_reserve_sweep,
     "dtypes": mosaic_dtype_probe,
     "scale": mosaic_scale_probe,
+    "backward": mosaic_backward_sweep,
 }
 
 

@@ -152,6 +152,9 @@ class FlashConfig:
     # Its key tile and K/V pipeline slots (the query tile is fixed at 2 x 64 rows).
     mosaic_block_kv: int = 128
     mosaic_stages: int = 2
+    # DRAFT, never run on a GPU (ninth session): where the Mosaic-GPU forward applies, both
+    # backward kernels in Mosaic GPU too (``_pallas_flash_mgpu_vjp``). Off until measured.
+    mosaic_backward: bool = False
 
     def __post_init__(self) -> None:
         steps = self.key_step_blocks

@@ -40,11 +40,13 @@ from ._pallas_flash import (
     dot_nt,
     dot_tn,
     matmul_precision,
+    mosaic_forward_applies,
     prepared_classes,
     row_blocks,
     uses_block_ranges,
     walk_row,
 )
+from ._pallas_flash_mgpu_vjp import mosaic_backward
 
 __all__ = ["backward", "backward_stages", "dkv_call", "dq_call", "dq_launch", "row_terms"]
 
@@ -478,6 +480,17 @@ def dq_call(
     return results[0], tuple(results[1:])
 
 
+def mosaic_backward_applies(config: FlashConfig, prepared: _Prepared, scale: float) -> bool:
+    """Whether both backward kernels run in Mosaic GPU (``FlashConfig.mosaic_backward``, a
+    draft): where the forward does, with sequences in whole 128-row tiles of both kernels."""
+    return (
+        config.mosaic_backward
+        and prepared.query.shape[2] % 128 == 0
+        and prepared.key.shape[2] % 128 == 0
+        and mosaic_forward_applies(config, prepared, scale)
+    )
+
+
 def backward(
     config: FlashConfig,
     prepared: _Prepared,
@@ -489,8 +502,14 @@ def backward(
     """Gradients of query, key, value and of each additive bias (in the plan's bias order)."""
     seq_q, seq_kv, head_dim = prepared.seq_q, prepared.seq_kv, prepared.head_dim
     do, delta = row_terms(prepared, out, d_out)
-    d_key, d_value = dkv_call(config, prepared, scale, do, lse, delta)
-    d_query, d_scores = dq_call(config, prepared, scale, do, lse, delta)
+    if mosaic_backward_applies(config, prepared, scale):
+        d_query, d_key, d_value = mosaic_backward(
+            prepared.query, prepared.key, prepared.value, do, lse, delta, scale=scale
+        )
+        d_scores: tuple[jax.Array, ...] = ()
+    else:
+        d_key, d_value = dkv_call(config, prepared, scale, do, lse, delta)
+        d_query, d_scores = dq_call(config, prepared, scale, do, lse, delta)
     d_biases = []
     for leaf, d_score in zip(prepared.plan.bias_leaves, d_scores, strict=True):
         d_score = d_score[:, :, :seq_q, :seq_kv]
