@@ -460,8 +460,8 @@ final9)
   wait
   ;;
 draft10)
-  # Queued (ninth session, not yet run): the draft Mosaic-GPU backward's GPU tests on GPU 1,
-  # its forward+backward against the Triton backward and JAX's example on GPU 0.
+  # Tenth session, call 1 (queued in the ninth): the draft Mosaic-GPU backward's GPU tests on
+  # GPU 1, its forward+backward against the Triton backward and JAX's example on GPU 0.
   (
     export CUDA_VISIBLE_DEVICES=0
     sweep mosaicbwd10 200 180 --mosaic backward
@@ -470,6 +470,83 @@ draft10)
     export CUDA_VISIBLE_DEVICES=1
     gpu_tests 200 tests/kernels/test_pallas_flash.py -k "mosaic"
   ) >"$OUT/gpu_tests.log" 2>&1 &
+  wait
+  ;;
+bwd10)
+  # Tenth session, call 2, the Mosaic-GPU backward on by default: its tiles and slots against
+  # the Triton backward on GPU 0; every PALLAS_FLASH GPU test on GPU 1.
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    sweep mosaicbwd10b 260 240 --mosaic backward
+  ) >"$OUT/sweep.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    gpu_tests 260 tests/kernels/test_pallas_flash.py
+  ) >"$OUT/gpu_tests.log" 2>&1 &
+  wait
+  ;;
+final10)
+  # Tenth session, call 3, final code (128-key dQ tiles by default): on GPU 0 the Mosaic and
+  # vmap GPU tests, three dK/dV slots against two, then the full rows of the table and
+  # FlexAttention's; on GPU 1 the whole table then FlexAttention.
+  (
+    export CUDA_VISIBLE_DEVICES=0 OUT="$OUT/gpu0"  # its own torch_peers.json
+    mkdir -p "$OUT"
+    gpu_tests 150 tests/kernels/test_pallas_flash.py -k "mosaic or vmap"
+    sweep mosaicslots10 100 85 --mosaic slots
+    table_and_flex tenth1 full 120 105 90 80
+  ) >"$OUT/gpu0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    table_and_flex tenth2 "" 240 225 150 135
+  ) >"$OUT/table.log" 2>&1 &
+  wait
+  ;;
+thin10)
+  # Tenth session, call 4, final code: the table's thinnest ratios against FlexAttention (the
+  # documents' and the causal rows, Triton kernels) again, on both GPUs at once.
+  for gpu in 0 1; do
+    (
+      export CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/gpu$gpu"
+      mkdir -p "$OUT"
+      table_and_flex "tenth$((gpu + 3))" 4docs,causal 200 185 120 105
+    ) >"$OUT/gpu$gpu.log" 2>&1 &
+  done
+  wait
+  ;;
+tiles10)
+  # Tenth session, call 5: the Triton forward's key tile, 128 (the kernel's signature default)
+  # against 64 (the tables'), on the masked rows, no peers; each GPU alternates the two, in
+  # opposite orders.
+  masked=causal,window,4docs
+  for gpu in 0 1; do
+    (
+      export CUDA_VISIBLE_DEVICES=$gpu OUT="$OUT/gpu$gpu"
+      mkdir -p "$OUT"
+      if [ "$gpu" = 0 ]; then order="128 64 128"; else order="64 128 64"; fi
+      run=0
+      for kv in $order; do
+        run=$((run + 1))
+        timeout 150 python3 benchmarks/pallas_flash.py --no-peers --only "$masked" \
+          --fwd-block-kv "$kv" --tag "tiles10_run$run" --budget 130
+      done
+    ) >"$OUT/gpu$gpu.log" 2>&1 &
+  done
+  wait
+  ;;
+tests10)
+  # Tenth session, call 6, final code: FLASH (its Pallas path now at 64-key forward tiles),
+  # shard_map and MEMORY_EFFICIENT's fused GPU tests on GPU 0; every PALLAS_FLASH GPU test on
+  # GPU 1.
+  (
+    export CUDA_VISIBLE_DEVICES=0
+    gpu_tests 280 tests/kernels/test_flash.py tests/kernels/test_pallas_in_shard_map.py \
+      tests/kernels/test_memory_efficient_fused.py
+  ) >"$OUT/gpu_tests0.log" 2>&1 &
+  (
+    export CUDA_VISIBLE_DEVICES=1
+    gpu_tests 280 tests/kernels/test_pallas_flash.py
+  ) >"$OUT/gpu_tests1.log" 2>&1 &
   wait
   ;;
 last8)

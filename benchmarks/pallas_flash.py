@@ -504,15 +504,40 @@ def mosaic_example_probe(budget: float) -> None:
 
 
 def mosaic_backward_sweep(budget: float) -> None:
-    """Queued (ninth session, not yet run): the draft Mosaic-GPU backward
-    (``FlashConfig.mosaic_backward``) against the Triton backward, forward+backward,
-    interleaved twice; JAX's example's own forward+backward (fp16) in the same process."""
+    """Tenth session, call 2: the Mosaic-GPU backward against the Triton backward
+    (``mosaic_backward=False``) and its own tiles and slots, forward+backward, the first
+    default measured first and last; JAX's example's own forward+backward (fp16) in the same
+    process. (Call 2's default dQ key tile was 64 rows; it chose 128. Call 2 set both kernels'
+    slots through one field, since split in two: the same settings.)"""
+    base: dict[str, Any] = {"block_kv": 64, "mosaic_dq_block_kv": 64}
     variants = [
-        ("triton backward", FlashConfig(block_kv=64)),
-        ("mosaic backward", FlashConfig(block_kv=64, mosaic_backward=True)),
+        ("mosaic backward", FlashConfig(**base)),
+        ("triton backward", FlashConfig(**base, mosaic_backward=False)),
+        ("mosaic bwd s3", FlashConfig(**base, mosaic_dkv_stages=3, mosaic_dq_stages=3)),
+        ("mosaic bwd dq kv128", FlashConfig(block_kv=64)),
+        ("mosaic bwd dkv q128", FlashConfig(**base, mosaic_dkv_block_q=128)),
+        ("mosaic bwd both128", FlashConfig(block_kv=64, mosaic_dkv_block_q=128)),
+        ("mosaic backward", FlashConfig(**base)),
+    ]
+    _backward_variants(variants, budget)
+
+
+def mosaic_backward_slots_sweep(budget: float) -> None:
+    """Tenth session, call 3: three dK/dV slots beside the default (128-key dQ tiles, two
+    slots each), interleaved twice, forward+backward."""
+    variants = [
+        ("mosaic backward", FlashConfig(block_kv=64)),
+        ("mosaic bwd dkv s3", FlashConfig(block_kv=64, mosaic_dkv_stages=3)),
     ] * 2
+    _backward_variants(variants, budget, example=False)
+
+
+def _backward_variants(
+    variants: list[tuple[str, FlashConfig]], budget: float, example: bool = True
+) -> None:
     for cfg in _full_configs():
-        _jax_mosaic_example(cfg, backward=True)
+        if example:
+            _jax_mosaic_example(cfg, backward=True)
         for label, flash in variants:
             if time.perf_counter() - START > budget:
                 return
@@ -526,8 +551,9 @@ def mosaic_backward_sweep(budget: float) -> None:
 def _jax_mosaic_example(
     cfg: dict[str, Any], block_kv: int = 128, stages: int = 2, backward: bool = False
 ) -> None:
-    """JAX's Mosaic-GPU FlashAttention-3 example, forward only: fp16 (its shared memory is
-    declared float16), its (B, T, H, D) layout, no log-sum-exp output, 2 x 64 query rows."""
+    """JAX's Mosaic-GPU FlashAttention-3 example's forward: fp16 (its shared memory is
+    declared float16), its (B, T, H, D) layout, no log-sum-exp output, 2 x 64 query rows; with
+    ``backward``, its forward+backward too (64 x 64 backward tiles)."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
     shape = (cfg["B"], cfg["S"], HEADS, HEAD_DIM)
@@ -568,6 +594,7 @@ MOSAIC_PROBES: dict[str, Callable[[float], None]] = {
     "dtypes": mosaic_dtype_probe,
     "scale": mosaic_scale_probe,
     "backward": mosaic_backward_sweep,
+    "slots": mosaic_backward_slots_sweep,
 }
 
 
@@ -603,7 +630,7 @@ def main() -> None:
     parser.add_argument("--listed-sweep", action="store_true",
                         help="the eighth session's backward stages for block lists")
     parser.add_argument("--mosaic", choices=sorted(MOSAIC_PROBES), default=None,
-                        help="one of the ninth session's Mosaic-GPU probes (full configs)")
+                        help="one of the ninth and tenth sessions' Mosaic-GPU probes (full configs)")
     parser.add_argument("--skip-table", action="store_true")
     parser.add_argument("--fwd-block-kv", type=int, default=128)
     parser.add_argument("--no-peers", action="store_true")

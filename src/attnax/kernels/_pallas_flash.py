@@ -19,8 +19,11 @@ Structure (kept open to a second, Mosaic-GPU lowering; see ``benchmarks/NOTES.md
   denominator) in aliased HBM buffers instead of keeping it in registers for the whole walk.
 * **Mosaic-GPU forward** (``_pallas_flash_mgpu``): full attention on a Hopper GPU (no mask,
   mod or operand; 2-byte inputs; whole tiles) takes a warp-specialised wgmma kernel in place of
-  the Triton forward (:func:`mosaic_forward_applies`); it returns the same (out, lse2), so the
-  backward below serves both.
+  the Triton forward (:func:`mosaic_forward_applies`); it returns the same (out, lse2), so
+  either backward reads it.
+* **Mosaic-GPU backward** (``_pallas_flash_mgpu_vjp``): where the Mosaic-GPU forward runs, its
+  dK/dV and dQ kernels (warp-specialised pipelines, wgmma) replace the Triton ones below
+  (``_pallas_flash_vjp.mosaic_backward_applies``).
 * **Backward** (``_pallas_flash_vjp``): a dK/dV kernel per key block (looping over the query
   heads of its GQA group and their query blocks) and a dQ kernel per query block, recomputing
   probabilities from the saved log-sum-exp; the value mod is differentiated inside the kernel
@@ -152,19 +155,37 @@ class FlashConfig:
     # Its key tile and K/V pipeline slots (the query tile is fixed at 2 x 64 rows).
     mosaic_block_kv: int = 128
     mosaic_stages: int = 2
-    # DRAFT, never run on a GPU (ninth session): where the Mosaic-GPU forward applies, both
-    # backward kernels in Mosaic GPU too (``_pallas_flash_mgpu_vjp``). Off until measured.
-    mosaic_backward: bool = False
+    # Where the Mosaic-GPU forward applies, both backward kernels in Mosaic GPU too
+    # (``_pallas_flash_mgpu_vjp``): -10% and -14% on full attention's forward+backward against
+    # the Triton backward (B4 S4096, B1 S16384; NOTES, "Tenth session"). False: Triton.
+    mosaic_backward: bool = True
+    # Its tiles and pipeline slots. The dK/dV kernel owns 2 x 64 keys and streams query tiles
+    # of ``mosaic_dkv_block_q`` rows (Q, dO, lse, delta); the dQ kernel owns 2 x 64 queries
+    # and streams key tiles of ``mosaic_dq_block_kv`` rows (K, V). On an H100 128-key dQ
+    # tiles took 4-6% off the forward+backward; 128-query dK/dV tiles were no better (+2.5%
+    # at B4 S4096), nor were three dK/dV slots (within 1%).
+    mosaic_dkv_block_q: int = 64
+    mosaic_dq_block_kv: int = 128
+    mosaic_dkv_stages: int = 2
+    mosaic_dq_stages: int = 2
 
     def __post_init__(self) -> None:
         steps = self.key_step_blocks
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{_NAME}: `key_step_blocks` must be an int >= 0, got {steps!r}.")
-        stages = self.mosaic_stages
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
-            # One slot would make the producer wait for a step to finish before loading the
-            # next: no pipeline (JAX's Mosaic-GPU example requires two as well).
-            raise ValueError(f"{_NAME}: `mosaic_stages` must be an int >= 2, got {stages!r}.")
+        for name in ("mosaic_stages", "mosaic_dkv_stages", "mosaic_dq_stages"):
+            stages = getattr(self, name)
+            if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
+                # One slot would make the producer wait for a step to finish before loading
+                # the next: no pipeline (JAX's Mosaic-GPU example requires two as well).
+                raise ValueError(f"{_NAME}: `{name}` must be an int >= 2, got {stages!r}.")
+        for name in ("mosaic_dkv_block_q", "mosaic_dq_block_kv"):
+            if getattr(self, name) not in (64, 128):
+                # Either divides the whole 128-row tiles its selection requires of both
+                # sequences (``mosaic_backward_applies``).
+                raise ValueError(
+                    f"{_NAME}: `{name}` must be 64 or 128, got {getattr(self, name)!r}."
+                )
         if isinstance(self.mosaic_block_kv, int) and self.mosaic_block_kv % 64:
             raise ValueError(
                 f"{_NAME}: `mosaic_block_kv` must be a multiple of 64 (the Mosaic-GPU forward's "
@@ -1402,9 +1423,9 @@ def pallas_flash_attention(
 
     A Pallas kernel (Triton lowering on GPU) with an online float32 softmax. On a Hopper GPU,
     full attention (no mask, no mod) on bf16/fp16 inputs at head_dim 33-128 whose lengths are
-    multiples of 128 runs its forward through a Mosaic-GPU kernel instead (warp-specialised,
-    wgmma; ``_pallas_flash_mgpu``), with the same backward. The score mod is
-    traced into the inner loop with absolute indices; its mask part is turned into a
+    multiples of 128 runs its forward and backward through Mosaic-GPU kernels instead
+    (warp-specialised, wgmma; ``_pallas_flash_mgpu``, ``_pallas_flash_mgpu_vjp``). The score
+    mod is traced into the inner loop with absolute indices; its mask part is turned into a
     per-(query block, key block) map outside the kernel, so blocks with no allowed pair are
     never loaded and blocks where every pair is allowed skip the mask. Grouped-query heads read
     their key/value head through the BlockSpec index maps (no repeated K/V). The backward is a
@@ -1432,7 +1453,9 @@ def pallas_flash_attention(
       dropout_rate: must be 0 unless ``deterministic``; the kernel has no dropout.
       deterministic: no dropout when True.
       block_q: forward query tile (power of two >= 16; shrunk for short sequences).
-      block_kv: forward key tile (power of two >= 16).
+      block_kv: forward key tile (power of two >= 16). At head_dim <= 128 on an H100, 64 ran
+        masked forwards 5-16% faster than this default 128 (benchmarks/NOTES.md, "Tenth
+        session"); ``MultiHeadAttention`` and :func:`~attnax.kernels.flash_attention` pass 64.
       force_fallback: use memory_efficient_attention instead of the kernel.
       interpret: run the Pallas kernels in interpret mode (CPU tests).
       scale: score scale, ``1 / sqrt(head_dim)`` by default.

@@ -46,7 +46,13 @@ def _mosaic_gpu() -> Any:
         return None
 
 
-__all__ = ["MOSAIC_ROWS", "hopper_gpu", "mosaic_forward", "mosaic_gpu_available"]
+__all__ = [
+    "MOSAIC_ROWS",
+    "check_shared_memory",
+    "hopper_gpu",
+    "mosaic_forward",
+    "mosaic_gpu_available",
+]
 
 _LOG2E = math.log2(math.e)
 _RECIP_LN2 = 1.0 / math.log(2.0)
@@ -61,6 +67,28 @@ MOSAIC_ROWS = _WARPGROUP_ROWS * _CONSUMERS
 # so none is needed; on an H100 the forward ran 1-3% faster without it (NOTES, "Ninth
 # session"), and three K/V slots of 128 x 128 fit only without it.
 REDUCTION_SCRATCH_BYTES: int | None = 0
+
+
+# Shared memory one block may take on an H100 (227 KiB), as Mosaic GPU checks it when it
+# compiles; tiles that overflow it are refused at trace time instead, naming the setting.
+_SHARED_MEMORY_BYTES = 227 * 1024
+# Mosaic GPU's default reduction reserve (REDUCTION_SCRATCH_BYTES None) and room for the
+# barriers (8 bytes each) and alignment.
+_DEFAULT_RESERVE_BYTES = 2048
+_BARRIER_ROOM_BYTES = 1024
+
+
+def check_shared_memory(tile_bytes: int, kernel: str, settings: str) -> None:
+    """Raise a ValueError naming ``settings`` (the FlashConfig fields to lower) when a Mosaic-GPU
+    kernel's shared-memory tiles, ``tile_bytes`` in all, overflow one block's shared memory."""
+    reserve = _DEFAULT_RESERVE_BYTES if REDUCTION_SCRATCH_BYTES is None else 0
+    available = _SHARED_MEMORY_BYTES - reserve - _BARRIER_ROOM_BYTES
+    if tile_bytes > available:
+        raise ValueError(
+            f"pallas_flash_attention: the Mosaic-GPU {kernel}'s tiles need {tile_bytes} bytes "
+            f"of shared memory at this head_dim, over the {available} a block has: lower "
+            f"{settings} in FlashConfig."
+        )
 
 
 def mosaic_gpu_available() -> bool:
@@ -219,6 +247,12 @@ def _forward_fn(
         kv_heads, seq_kv = k.shape[1], k.shape[2]
         steps = seq_kv // block_kv
         used_stages = min(stages, steps)
+        check_shared_memory(
+            _CONSUMERS * _WARPGROUP_ROWS * (head_dim * q.dtype.itemsize + 4)
+            + 2 * used_stages * block_kv * head_dim * k.dtype.itemsize,
+            "forward",
+            "`mosaic_stages` or `mosaic_block_kv`",
+        )
         kernel = functools.partial(
             _kernel,
             group=heads // kv_heads,

@@ -1,19 +1,19 @@
 """PALLAS_FLASH's backward lowered through Mosaic GPU (Hopper), for attention without mods.
 
-DRAFT (ninth session): lowers for CUDA on the CPU machine, never run on a GPU; off unless
-``FlashConfig.mosaic_backward`` is set. The forward's companion (``_pallas_flash_mgpu``): the
-same preconditions, and it reads the forward's base-2 log-sum-exp.
+The forward's companion (``_pallas_flash_mgpu``), chosen with it where
+``FlashConfig.mosaic_backward`` is on (``_pallas_flash_vjp.mosaic_backward_applies``): the same
+preconditions, and it reads the forward's base-2 log-sum-exp.
 
 Two kernels, as the Triton backward, each a warp-specialised pipeline
 (``plgpu.emit_pipeline_warp_specialized``: one memory warpgroup streams tiles by TMA, the
 compute warpgroups consume them):
 
-* **dK/dV**: a program owns ``2 x block_kv`` keys of one (batch, KV head), a consumer
-  warpgroup ``block_kv`` of them with dK and dV in registers. The pipeline streams Q, dO, the
+* **dK/dV**: a program owns ``2 x 64`` keys of one (batch, KV head), a consumer warpgroup 64
+  of them with dK and dV in registers. The pipeline streams Q, dO, the
   log-sum-exp and delta for every query tile of every query head of the GQA group (Q viewed as
   (B, Hk, group * T, D), a free reshape). Scores as (keys, queries), so both products
   ``dV += Pᵀ dO`` and ``dK += dSᵀ Q`` take the probability tiles from registers as they are.
-* **dQ**: a program owns ``2 x block_q`` query rows of one (batch, head); the pipeline streams
+* **dQ**: a program owns ``2 x 64`` query rows of one (batch, head); the pipeline streams
   K and V of its KV head; ``dQ += dS K``.
 
 With ``c = scale * log2(e)``: ``P = exp2(c Q Kᵀ - lse2)``, ``dS = P (dO Vᵀ - delta)``, and the
@@ -32,12 +32,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _pallas_flash_mgpu as forward_kernel
-from ._pallas_flash_mgpu import _mosaic_gpu
+from ._pallas_flash_mgpu import _mosaic_gpu, check_shared_memory
 
 __all__ = ["mosaic_backward"]
 
 _LOG2E = math.log2(math.e)
 _CONSUMERS = 2
+# Rows of the tile a consumer warpgroup owns (its keys in dK/dV, its queries in dQ): one
+# wgmma M tile, and with the streamed tile's rows the register budget of its score tiles.
+_OWNED_ROWS = 64
 # The memory warpgroup's registers (the rest go to the consumers).
 _MEMORY_REGISTERS = 40
 
@@ -58,6 +61,32 @@ def _tiled(plgpu: Any) -> tuple[Any, ...]:
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def _streamed_tile(plgpu: Any, rows: int, head_dim: int) -> Any:
+    """The pipeline's spec for the i-th (rows, head_dim) tile of a (length, head_dim) ref."""
+    return plgpu.BlockSpec(
+        block_shape=(rows, head_dim), index_map=lambda i: (i, 0), transforms=_tiled(plgpu)
+    )
+
+
+def _pipeline(
+    plgpu: Any, step: Any, compute: Any, steps: int, stages: int, in_specs: list[Any]
+) -> Any:
+    """``steps`` steps of ``step`` over the streamed ``in_specs`` in ``stages`` slots: one TMA
+    memory warpgroup, the consumers inside ``compute`` (which owns their resident tiles), each
+    step releasing its slots itself (``manual_consumed_barriers``) as soon as it has read them."""
+    return plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=(steps,),
+        max_concurrent_steps=min(stages, steps),
+        num_compute_wgs=_CONSUMERS,
+        memory_registers=_MEMORY_REGISTERS,
+        wg_axis="wg",
+        manual_consumed_barriers=True,
+        compute_context=compute,
+        in_specs=in_specs,
+    )
+
+
 def _params(plgpu: Any) -> Any:
     # The forward's setting, read at trace time (the backward reduces nothing across warps).
     extra = {}
@@ -76,7 +105,6 @@ def _dkv(
     *,
     scale: float,
     block_q: int,
-    block_kv: int,
     stages: int,
 ) -> tuple[jax.Array, jax.Array]:
     plgpu = _mosaic_gpu()
@@ -88,9 +116,17 @@ def _dkv(
     do_grouped = do.reshape(batch, kv_heads, group * seq_q, head_dim)
     lse_grouped = lse.reshape(batch, kv_heads, group * seq_q)
     delta_grouped = delta.reshape(batch, kv_heads, group * seq_q)
+    block_kv = _OWNED_ROWS
     exponent_scale = scale * _LOG2E
     dtype = q.dtype
     steps = group * seq_q // block_q
+    # K and V of both consumers; per slot, Q and dO tiles with their float32 lse and delta.
+    check_shared_memory(
+        2 * _CONSUMERS * block_kv * head_dim * dtype.itemsize
+        + min(stages, steps) * 2 * block_q * (head_dim * dtype.itemsize + 4),
+        "dK/dV kernel",
+        "`mosaic_dkv_stages` or `mosaic_dkv_block_q`",
+    )
 
     def kernel(
         q_ref: Any,
@@ -180,21 +216,9 @@ def _dkv(
             plgpu.barrier_arrive(q_free)
             return dk, dv
 
-        rows = plgpu.BlockSpec(
-            block_shape=(block_q, head_dim), index_map=lambda i: (i, 0), transforms=_tiled(plgpu)
-        )
+        rows = _streamed_tile(plgpu, block_q, head_dim)
         scalars = plgpu.BlockSpec(block_shape=(block_q,), index_map=lambda i: (i,))
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            step,
-            grid=(steps,),
-            max_concurrent_steps=min(stages, steps),
-            num_compute_wgs=_CONSUMERS,
-            memory_registers=_MEMORY_REGISTERS,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=compute,
-            in_specs=[rows, rows, scalars, scalars],
-        )
+        pipeline = _pipeline(plgpu, step, compute, steps, stages, [rows, rows, scalars, scalars])
         pipeline(
             q_ref.at[b, kv_head],
             do_ref.at[b, kv_head],
@@ -229,7 +253,6 @@ def _dq(
     delta: jax.Array,
     *,
     scale: float,
-    block_q: int,
     block_kv: int,
     stages: int,
 ) -> jax.Array:
@@ -237,9 +260,17 @@ def _dq(
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_kv = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    block_q = _OWNED_ROWS
     exponent_scale = scale * _LOG2E
     dtype = q.dtype
     steps = seq_kv // block_kv
+    # Q, dO, lse and delta of both consumers; per slot, K and V tiles.
+    check_shared_memory(
+        _CONSUMERS * block_q * 2 * (head_dim * dtype.itemsize + 4)
+        + min(stages, steps) * 2 * block_kv * head_dim * dtype.itemsize,
+        "dQ kernel",
+        "`mosaic_dq_stages` or `mosaic_dq_block_kv`",
+    )
 
     def kernel(
         q_ref: Any,
@@ -308,20 +339,8 @@ def _dq(
             plgpu.barrier_arrive(k_free)
             return dq, lse_row, delta_row
 
-        tile = plgpu.BlockSpec(
-            block_shape=(block_kv, head_dim), index_map=lambda j: (j, 0), transforms=_tiled(plgpu)
-        )
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            step,
-            grid=(steps,),
-            max_concurrent_steps=min(stages, steps),
-            num_compute_wgs=_CONSUMERS,
-            memory_registers=_MEMORY_REGISTERS,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=compute,
-            in_specs=[tile, tile],
-        )
+        tile = _streamed_tile(plgpu, block_kv, head_dim)
+        pipeline = _pipeline(plgpu, step, compute, steps, stages, [tile, tile])
         kv_head = lax.div(head, jnp.array(group, head.dtype))
         pipeline(k_ref.at[b, kv_head], v_ref.at[b, kv_head])
 
@@ -345,12 +364,12 @@ def _dq(
 
 @functools.cache
 def _backward_fn(
-    scale: float, block_q: int, block_kv: int, stages: int
+    scale: float, dkv_block_q: int, dq_block_kv: int, dkv_stages: int, dq_stages: int
 ) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
     """Both kernels for one configuration, with a vmap rule folding the mapped axis into the
     batch (Mosaic GPU kernels have no batching rule of their own)."""
-    dkv = functools.partial(_dkv, scale=scale, block_q=block_q, block_kv=block_kv, stages=stages)
-    dq = functools.partial(_dq, scale=scale, block_q=block_q, block_kv=block_kv, stages=stages)
+    dkv = functools.partial(_dkv, scale=scale, block_q=dkv_block_q, stages=dkv_stages)
+    dq = functools.partial(_dq, scale=scale, block_kv=dq_block_kv, stages=dq_stages)
 
     @jax.custom_batching.custom_vmap
     def batched(*arrays: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -380,15 +399,18 @@ def mosaic_backward(
     delta: jax.Array,
     *,
     scale: float,
-    block_q: int = 64,
-    block_kv: int = 64,
-    stages: int = 2,
+    dkv_block_q: int = 64,
+    dq_block_kv: int = 128,
+    dkv_stages: int = 2,
+    dq_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dQ, dK, dV) of full attention from the forward's base-2 log-sum-exp ``lse2`` (B, H, T)
     and ``delta = sum(dO * O, -1)`` (B, H, T), both float32.
 
     Preconditions as :func:`~attnax.kernels._pallas_flash_mgpu.mosaic_forward`'s, with T a
-    multiple of ``2 * block_q`` and S of ``2 * block_kv``.
+    multiple of 128 and S of 128 (each program owns 2 x 64 rows; ``dkv_block_q``, the dK/dV
+    kernel's streamed query tile, and ``dq_block_kv``, the dQ kernel's streamed key tile, are
+    64 or 128), with ``dkv_stages`` and ``dq_stages`` pipeline slots.
     """
-    fn = _backward_fn(float(scale), block_q, block_kv, stages)
+    fn = _backward_fn(float(scale), dkv_block_q, dq_block_kv, dkv_stages, dq_stages)
     return fn(query, key, value, d_out, lse2, delta)

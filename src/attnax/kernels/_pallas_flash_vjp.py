@@ -15,6 +15,9 @@ base-2 log-sum-exp and share the forward's block skipping:
 The value part of the score mod is differentiated per tile with :func:`jax.vjp` inside the
 kernel body (closed forms fall out of the traced derivative: ``1 - tanh^2`` for softcap, 1 for
 ALiBi and a bias).
+
+Full attention on a Hopper GPU, where the Mosaic-GPU forward ran, takes the Mosaic-GPU pair of
+``_pallas_flash_mgpu_vjp`` instead (:func:`mosaic_backward_applies`).
 """
 
 import functools
@@ -48,7 +51,15 @@ from ._pallas_flash import (
 )
 from ._pallas_flash_mgpu_vjp import mosaic_backward
 
-__all__ = ["backward", "backward_stages", "dkv_call", "dq_call", "dq_launch", "row_terms"]
+__all__ = [
+    "backward",
+    "backward_stages",
+    "dkv_call",
+    "dq_call",
+    "dq_launch",
+    "mosaic_backward_applies",
+    "row_terms",
+]
 
 
 def _scores_and_vjp(
@@ -481,8 +492,9 @@ def dq_call(
 
 
 def mosaic_backward_applies(config: FlashConfig, prepared: _Prepared, scale: float) -> bool:
-    """Whether both backward kernels run in Mosaic GPU (``FlashConfig.mosaic_backward``, a
-    draft): where the forward does, with sequences in whole 128-row tiles of both kernels."""
+    """Whether both backward kernels run in Mosaic GPU (``FlashConfig.mosaic_backward``):
+    where the forward does, with sequences in whole 128-row tiles of both kernels (each
+    program owns two consumers' 64 rows; the streamed tiles are 64 or 128 rows)."""
     return (
         config.mosaic_backward
         and prepared.query.shape[2] % 128 == 0
@@ -504,7 +516,17 @@ def backward(
     do, delta = row_terms(prepared, out, d_out)
     if mosaic_backward_applies(config, prepared, scale):
         d_query, d_key, d_value = mosaic_backward(
-            prepared.query, prepared.key, prepared.value, do, lse, delta, scale=scale
+            prepared.query,
+            prepared.key,
+            prepared.value,
+            do,
+            lse,
+            delta,
+            scale=scale,
+            dkv_block_q=config.mosaic_dkv_block_q,
+            dq_block_kv=config.mosaic_dq_block_kv,
+            dkv_stages=config.mosaic_dkv_stages,
+            dq_stages=config.mosaic_dq_stages,
         )
         d_scores: tuple[jax.Array, ...] = ()
     else:
