@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 
 import attnax
+import attnax._layer
+from attnax.kernels._pallas_flash import pallas_flash_attention
 from tests._reference import reference_attention, relative_error
 
 
@@ -151,6 +153,31 @@ def test_gradients_match_float64_reference() -> None:
         lin_grads = getattr(layer_grads, {"q": "query", "k": "key", "v": "value", "o": "out"}[short])
         assert relative_error(lin_grads.kernel[...], want_params["w" + short]) < 1e-4
         assert relative_error(lin_grads.bias[...], want_params["b" + short]) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("block_size", "tiles"), [(512, (128, 64)), (48, (32, 32)), (8, (16, 16))]
+)
+def test_pallas_flash_tiles_from_the_block_size(
+    block_size: int, tiles: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PALLAS_FLASH's query tile is the block size rounded down to a power of two in [16, 128];
+    # its forward's key tile is at most 64 (the faster one on an H100).
+    seen: list[tuple[int, int]] = []
+
+    def recording(query, key, value, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append((kwargs["block_q"], kwargs["block_kv"]))
+        return pallas_flash_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(attnax._layer, "pallas_flash_attention", recording)
+    layer = attnax.MultiHeadAttention(
+        nnx.Rngs(3), num_heads=2, in_features=16, attention_type="pallas_flash",
+        attention_block_size=block_size,
+    )
+    x = jax.random.normal(jax.random.key(4), (1, 9, 16))
+    out = layer(x, score_mod=attnax.causal_mod())
+    assert seen == [tiles]
+    assert relative_error(out, reference_layer(layer, x, score_mod=attnax.causal_mod())) < 1e-4
 
 
 def test_attention_fn_beats_attention_type() -> None:

@@ -72,7 +72,12 @@ def _pallas_flash(spec: AttentionSpec) -> _BTHDKernel:
     # Triton tiles want powers of two with at least 16 rows per dot; larger than 128 spills.
     block = 1 << (spec.attention_block_size.bit_length() - 1)
     block = max(16, min(block, 128))
-    return _bhtd(functools.partial(pallas_flash_attention, block_q=block, block_kv=block))
+    # At most 64 keys per forward tile: against 128 the masked configs of the H100 table ran
+    # their forwards 5-16% faster (benchmarks/NOTES.md, "Tenth session", call 5). Full
+    # attention takes the Mosaic-GPU kernel there whatever this tile.
+    return _bhtd(
+        functools.partial(pallas_flash_attention, block_q=block, block_kv=min(block, 64))
+    )
 
 
 def _linear(spec: AttentionSpec) -> _BTHDKernel:
@@ -166,7 +171,8 @@ class MultiHeadAttention(nnx.Module):
       decode: reserved for a stateful decode mode; decoding goes through ``kv_cache=``.
       attention_type: the backend (:class:`AttentionType` or its string value).
       attention_block_size: block size of the blockwise backends (PALLAS_FLASH rounds it down to
-        a power of two and clamps it to [16, 128]).
+        a power of two and clamps it to [16, 128] for its query tiles, and to at most 64 for
+        its forward's key tiles).
       linear_attention_chunk_size: chunk size of LINEAR (inputs are padded to whole chunks).
       attention_fn: any :class:`AttentionFn`; it beats ``attention_type``.
       score_mod: applied on every call, composed before a per-call ``score_mod``.

@@ -278,6 +278,9 @@ def _fallback_bhtd(
             dropout_rate=dropout_rate,
             deterministic=deterministic,
             scale=scale,
+            # 64 keys per forward tile: 5-16% faster forwards than the signature's 128 on
+            # every masked config of the H100 table (benchmarks/NOTES.md, "Tenth session").
+            block_kv=64,
         )
     return memory_efficient_attention(
         query,
@@ -419,10 +422,10 @@ def flash_attention(
        cuDNN's backward requires). A dense ``mask`` is passed as cuDNN's ``mask=`` (jax turns
        it into a large negative bias), and rows it leaves without any key are set to zero.
        Dropout is not available here: ``NotImplementedError``.
-    2. Pallas flash (``attnax.kernels._pallas_flash.pallas_flash_attention``, default tiles):
-       NVIDIA GPU, bf16/fp16 inputs, and a score mod cuDNN cannot express (ALiBi, softcap,
-       document, prefix-LM, non-causal windows, offsets, plain callables) or any other
-       reason cuDNN is out (head_dim, mixed dtypes). Until that module exists, path 3.
+    2. Pallas flash (``attnax.kernels._pallas_flash.pallas_flash_attention``, 128 x 64
+       forward tiles): NVIDIA GPU, bf16/fp16 inputs, and a score mod cuDNN cannot express
+       (ALiBi, softcap, document, prefix-LM, non-causal windows, offsets, plain callables) or
+       any other reason cuDNN is out (head_dim, mixed dtypes).
     3. :func:`~attnax.kernels.memory_efficient_attention` (``block_size`` is its tile): float32
        or float64 inputs on GPU, and every input on CPU/TPU. Dropout is supported here.
 
