@@ -24,7 +24,7 @@ from .kernels._flash import flash_attention_bthd
 from .kernels._linear import linear_attention
 from .kernels._lite import lite_attention
 from .kernels._memory_efficient import memory_efficient_attention
-from .kernels._pallas_flash import pallas_flash_attention
+from .kernels._pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention
 from .kernels._standard import standard_attention
 
 __all__ = ["MultiHeadAttention", "RotaryTable"]
@@ -72,12 +72,9 @@ def _pallas_flash(spec: AttentionSpec) -> _BTHDKernel:
     # Triton tiles want powers of two with at least 16 rows per dot; larger than 128 spills.
     block = 1 << (spec.attention_block_size.bit_length() - 1)
     block = max(16, min(block, 128))
-    # At most 64 keys per forward tile: against 128 the masked configs of the H100 table ran
-    # their forwards 5-16% faster (benchmarks/NOTES.md, "Tenth session", call 5). Full
-    # attention takes the Mosaic-GPU kernel there whatever this tile.
-    return _bhtd(
-        functools.partial(pallas_flash_attention, block_q=block, block_kv=min(block, 64))
-    )
+    # At most FAST_FORWARD_BLOCK_KV keys per forward tile (why: at its definition).
+    key_block = min(block, FAST_FORWARD_BLOCK_KV)
+    return _bhtd(functools.partial(pallas_flash_attention, block_q=block, block_kv=key_block))
 
 
 def _linear(spec: AttentionSpec) -> _BTHDKernel:

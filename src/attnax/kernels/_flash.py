@@ -57,7 +57,7 @@ from ._common import (
     default_scale,
 )
 from ._memory_efficient import memory_efficient_attention
-from ._pallas_flash import pallas_flash_attention
+from ._pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention
 
 __all__ = ["flash_attention", "flash_attention_bthd"]
 
@@ -278,9 +278,7 @@ def _fallback_bhtd(
             dropout_rate=dropout_rate,
             deterministic=deterministic,
             scale=scale,
-            # 64 keys per forward tile: 5-16% faster forwards than the signature's 128 on
-            # every masked config of the H100 table (benchmarks/NOTES.md, "Tenth session").
-            block_kv=64,
+            block_kv=FAST_FORWARD_BLOCK_KV,
         )
     return memory_efficient_attention(
         query,

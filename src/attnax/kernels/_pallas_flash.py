@@ -85,10 +85,21 @@ from ._common import (
 )
 from ._pallas_flash_mgpu import MOSAIC_ROWS, hopper_gpu, mosaic_forward, mosaic_gpu_available
 
-__all__ = ["FlashConfig", "default_config", "pallas_flash_attention", "stepped_config"]
+__all__ = [
+    "FAST_FORWARD_BLOCK_KV",
+    "FlashConfig",
+    "default_config",
+    "pallas_flash_attention",
+    "stepped_config",
+]
 
 _NAME = "pallas_flash_attention"
 _LOG2E = math.log2(math.e)
+# The forward key tile our own callers pass (MultiHeadAttention, FLASH's Pallas path): at
+# head_dim <= 128 on an H100, 64 ran every masked config's forward 5-16% faster than the
+# signature's 128 (benchmarks/NOTES.md, "Tenth session", call 5). Full attention takes the
+# Mosaic-GPU kernel there whatever the tile; head_dim 256 halves the tiles anyway.
+FAST_FORWARD_BLOCK_KV = 64
 
 
 # --------------------------------------------------------------------------- configuration
@@ -1453,9 +1464,9 @@ def pallas_flash_attention(
       dropout_rate: must be 0 unless ``deterministic``; the kernel has no dropout.
       deterministic: no dropout when True.
       block_q: forward query tile (power of two >= 16; shrunk for short sequences).
-      block_kv: forward key tile (power of two >= 16). At head_dim <= 128 on an H100, 64 ran
-        masked forwards 5-16% faster than this default 128 (benchmarks/NOTES.md, "Tenth
-        session"); ``MultiHeadAttention`` and :func:`~attnax.kernels.flash_attention` pass 64.
+      block_kv: forward key tile (power of two >= 16). At head_dim <= 128 on an H100,
+        :data:`FAST_FORWARD_BLOCK_KV` (64) ran masked forwards 5-16% faster than this default
+        128; ``MultiHeadAttention`` and :func:`~attnax.kernels.flash_attention` pass it.
       force_fallback: use memory_efficient_attention instead of the kernel.
       interpret: run the Pallas kernels in interpret mode (CPU tests).
       scale: score scale, ``1 / sqrt(head_dim)`` by default.
