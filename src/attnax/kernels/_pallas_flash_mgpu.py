@@ -27,7 +27,7 @@ import functools
 import importlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +48,13 @@ def _mosaic_gpu() -> Any:
 
 __all__ = [
     "MOSAIC_ROWS",
+    "batch_folded",
     "check_shared_memory",
+    "compiler_params",
     "hopper_gpu",
     "mosaic_forward",
     "mosaic_gpu_available",
+    "swizzled_tiles",
 ]
 
 _LOG2E = math.log2(math.e)
@@ -89,6 +92,45 @@ def check_shared_memory(tile_bytes: int, kernel: str, settings: str) -> None:
             f"of shared memory at this head_dim, over the {available} a block has: lower "
             f"{settings} in FlashConfig."
         )
+
+
+_Outputs = TypeVar("_Outputs", bound=tuple[jax.Array, ...])
+
+
+def swizzled_tiles(plgpu: Any) -> tuple[Any, ...]:
+    """Shared-memory transforms of every wgmma operand tile here: 128-byte swizzled (8, 64)
+    tiles, the layout wgmma reads from shared memory."""
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def compiler_params(plgpu: Any, reduction_scratch: int | None) -> Any:
+    """Approximate exp2 and the reduction reserve (None: Mosaic GPU's default)."""
+    extra = {} if reduction_scratch is None else {"reduction_scratch_bytes": reduction_scratch}
+    return plgpu.CompilerParams(approx_math=True, **extra)
+
+
+def batch_folded(fn: Callable[..., _Outputs]) -> Callable[..., _Outputs]:
+    """``fn`` (arrays with a leading batch axis in, a tuple of them out) with a vmap rule that
+    folds the mapped axis into the batch axis, broadcasting unmapped inputs first: Mosaic GPU
+    kernels have no batching rule of their own."""
+
+    @jax.custom_batching.custom_vmap
+    def batched(*arrays: jax.Array) -> _Outputs:
+        return fn(*arrays)
+
+    @batched.def_vmap
+    def _rule(
+        axis_size: int, in_batched: list[bool], *arrays: jax.Array
+    ) -> tuple[tuple[jax.Array, ...], tuple[bool, ...]]:
+        def folded(x: jax.Array, mapped: bool) -> jax.Array:
+            x = x if mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
+            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
+
+        outs = batched(*(folded(x, m) for x, m in zip(arrays, in_batched, strict=True)))
+        unfolded = tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in outs)
+        return unfolded, (True,) * len(unfolded)
+
+    return batched
 
 
 def mosaic_gpu_available() -> bool:
@@ -261,8 +303,7 @@ def _forward_fn(
             steps=steps,
             exponent_scale=scale * _LOG2E,
         )
-        # 128-byte swizzled (8, 64) tiles: the layout wgmma reads from shared memory.
-        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        transforms = swizzled_tiles(plgpu)
 
         def body(q_ref: Any, k_ref: Any, v_ref: Any, out_ref: Any, lse_ref: Any) -> None:
             pl.run_scoped(
@@ -288,9 +329,6 @@ def _forward_fn(
                 collective_axes="wg",
             )
 
-        params = {}
-        if reduction_scratch is not None:
-            params["reduction_scratch_bytes"] = reduction_scratch
         out, lse = plgpu.kernel(
             body,
             out_type=(
@@ -303,32 +341,11 @@ def _forward_fn(
             grid_names=("q_tile", "head", "batch"),
             num_threads=_CONSUMERS + 1,
             thread_name="wg",
-            compiler_params=plgpu.CompilerParams(approx_math=True, **params),
+            compiler_params=compiler_params(plgpu, reduction_scratch),
         )(q, k, v)
         return out, lse
 
-    @jax.custom_batching.custom_vmap
-    def batched(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return call(q, k, v)
-
-    @batched.def_vmap
-    def _rule(
-        axis_size: int, in_batched: list[bool], q: jax.Array, k: jax.Array, v: jax.Array
-    ) -> tuple[tuple[jax.Array, jax.Array], tuple[bool, bool]]:
-        def folded(x: jax.Array, mapped: bool) -> jax.Array:
-            x = x if mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
-            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
-
-        out, lse = batched(*(folded(x, m) for x, m in zip((q, k, v), in_batched, strict=True)))
-        return (
-            (
-                out.reshape(axis_size, -1, *out.shape[1:]),
-                lse.reshape(axis_size, -1, *lse.shape[1:]),
-            ),
-            (True, True),
-        )
-
-    return batched
+    return batch_folded(call)
 
 
 def mosaic_forward(

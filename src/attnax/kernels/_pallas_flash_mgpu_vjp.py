@@ -32,7 +32,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _pallas_flash_mgpu as forward_kernel
-from ._pallas_flash_mgpu import _mosaic_gpu, check_shared_memory
+from ._pallas_flash_mgpu import (
+    _mosaic_gpu,
+    batch_folded,
+    check_shared_memory,
+    compiler_params,
+    swizzled_tiles,
+)
 
 __all__ = ["mosaic_backward"]
 
@@ -56,15 +62,12 @@ def _load_row(ref: Any, layout: Any) -> Any:
     return plgpu.load(ref, layout=layout)
 
 
-def _tiled(plgpu: Any) -> tuple[Any, ...]:
-    # 128-byte swizzled (8, 64) tiles: the layout wgmma reads from shared memory.
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-
 def _streamed_tile(plgpu: Any, rows: int, head_dim: int) -> Any:
     """The pipeline's spec for the i-th (rows, head_dim) tile of a (length, head_dim) ref."""
     return plgpu.BlockSpec(
-        block_shape=(rows, head_dim), index_map=lambda i: (i, 0), transforms=_tiled(plgpu)
+        block_shape=(rows, head_dim),
+        index_map=lambda i: (i, 0),
+        transforms=swizzled_tiles(plgpu),
     )
 
 
@@ -88,11 +91,9 @@ def _pipeline(
 
 
 def _params(plgpu: Any) -> Any:
-    # The forward's setting, read at trace time (the backward reduces nothing across warps).
-    extra = {}
-    if forward_kernel.REDUCTION_SCRATCH_BYTES is not None:
-        extra["reduction_scratch_bytes"] = forward_kernel.REDUCTION_SCRATCH_BYTES
-    return plgpu.CompilerParams(approx_math=True, **extra)
+    # The forward's reduction reserve, read at trace time (the backward reduces nothing across
+    # warps either).
+    return compiler_params(plgpu, forward_kernel.REDUCTION_SCRATCH_BYTES)
 
 
 def _dkv(
@@ -226,7 +227,8 @@ def _dkv(
             delta_ref.at[b, kv_head],
         )
 
-    key_tile = plgpu.SMEM((_CONSUMERS, block_kv, head_dim), dtype, transforms=_tiled(plgpu))
+    tiles = swizzled_tiles(plgpu)
+    key_tile = plgpu.SMEM((_CONSUMERS, block_kv, head_dim), dtype, transforms=tiles)
     kv_shape = jax.ShapeDtypeStruct(k.shape, dtype)  # type: ignore[no-untyped-call]
     dk, dv = plgpu.kernel(
         kernel,
@@ -344,7 +346,8 @@ def _dq(
         kv_head = lax.div(head, jnp.array(group, head.dtype))
         pipeline(k_ref.at[b, kv_head], v_ref.at[b, kv_head])
 
-    rows_tile = plgpu.SMEM((_CONSUMERS, block_q, head_dim), dtype, transforms=_tiled(plgpu))
+    tiles = swizzled_tiles(plgpu)
+    rows_tile = plgpu.SMEM((_CONSUMERS, block_q, head_dim), dtype, transforms=tiles)
     row_vector = plgpu.SMEM((_CONSUMERS, block_q), jnp.float32)
     dq: jax.Array = plgpu.kernel(
         kernel,
@@ -371,23 +374,11 @@ def _backward_fn(
     dkv = functools.partial(_dkv, scale=scale, block_q=dkv_block_q, stages=dkv_stages)
     dq = functools.partial(_dq, scale=scale, block_kv=dq_block_kv, stages=dq_stages)
 
-    @jax.custom_batching.custom_vmap
-    def batched(*arrays: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def both(*arrays: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dk, dv = dkv(*arrays)
         return dq(*arrays), dk, dv
 
-    @batched.def_vmap
-    def _rule(
-        axis_size: int, in_batched: list[bool], *arrays: jax.Array
-    ) -> tuple[tuple[jax.Array, ...], tuple[bool, ...]]:
-        def folded(x: jax.Array, mapped: bool) -> jax.Array:
-            x = x if mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
-            return x.reshape(axis_size * x.shape[1], *x.shape[2:])
-
-        grads = batched(*(folded(x, m) for x, m in zip(arrays, in_batched, strict=True)))
-        return tuple(g.reshape(axis_size, -1, *g.shape[1:]) for g in grads), (True,) * 3
-
-    return batched
+    return batch_folded(both)
 
 
 def mosaic_backward(
