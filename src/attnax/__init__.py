@@ -1,5 +1,6 @@
 """attnax: strictly typed attention for JAX and Flax NNX."""
 
+from . import _backends as _backends  # the backend table; registers the kernels' fallbacks
 from ._cache import BlockAllocator as BlockAllocator
 from ._cache import KVLayerCache as KVLayerCache
 from ._cache import PagedKVCache as PagedKVCache
