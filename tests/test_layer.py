@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import attnax
-import attnax._layer
+import attnax._backends
 from attnax.kernels._pallas_flash import pallas_flash_attention
 from tests._reference import reference_attention, relative_error
 
@@ -169,7 +169,7 @@ def test_pallas_flash_tiles_from_the_block_size(
         seen.append((kwargs["block_q"], kwargs["block_kv"]))
         return pallas_flash_attention(query, key, value, **kwargs)
 
-    monkeypatch.setattr(attnax._layer, "pallas_flash_attention", recording)
+    monkeypatch.setattr(attnax._backends, "pallas_flash_attention", recording)
     layer = attnax.MultiHeadAttention(
         nnx.Rngs(3), num_heads=2, in_features=16, attention_type="pallas_flash",
         attention_block_size=block_size,

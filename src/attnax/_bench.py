@@ -38,20 +38,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import attnax
+from attnax._backends import BACKENDS
 
 __all__ = ["BenchRow", "add_bench_arguments", "run_bench"]
 
 _AttentionType = attnax.AttentionType
-
-# Softmax backends are compared with the reference; the others compute different functions.
-_SOFTMAX_BACKENDS: Final = frozenset(
-    {
-        _AttentionType.STANDARD,
-        _AttentionType.MEMORY_EFFICIENT,
-        _AttentionType.FLASH,
-        _AttentionType.PALLAS_FLASH,
-    }
-)
 
 # Lengths above 2^20 tokens are refused up front: no single-device backend here is meant for
 # them, and the sweep would otherwise fail late, with an out-of-memory error.
@@ -267,25 +258,20 @@ def _score_mod(case: Case, num_heads: int) -> attnax.ScoreMod | None:
 
 
 def _kernel(backend: attnax.AttentionType, case: Case, num_heads: int) -> _Kernel | str:
-    """The call timed for ``backend`` on ``case``, or why the combination is not timed."""
+    """The call timed for ``backend`` on ``case`` (its row's kernel in the backend table), or
+    why the combination is not timed."""
+    row = BACKENDS[backend]
     score_mod = _score_mod(case, num_heads)
-    softmax_kernels: dict[attnax.AttentionType, Callable[..., jax.Array]] = {
-        _AttentionType.STANDARD: attnax.standard_attention,
-        _AttentionType.MEMORY_EFFICIENT: attnax.memory_efficient_attention,
-        _AttentionType.FLASH: attnax.flash_attention,
-        _AttentionType.PALLAS_FLASH: attnax.pallas_flash_attention,
-    }
-    if backend in softmax_kernels:
-        kernel = softmax_kernels[backend]
-        return lambda q, k, v: kernel(q, k, v, score_mod=score_mod)
-    if backend is _AttentionType.LINEAR:
-        if case is not Case.CAUSAL:
-            return "causal only"
-        return lambda q, k, v: attnax.linear_attention(q, k, v, causal=True)
-    if case is Case.ALIBI_CAUSAL:
+    if row.pair_scores:
+        return lambda q, k, v: row.kernel(q, k, v, score_mod=score_mod)
+    if row.score_mod_refusal(score_mod) is not None:
         return "no score mods"
+    # Without pair scores a causal mask is the kernel's causal form. LINEAR is timed causal
+    # only: its non-causal form is a different function with nothing here to compare to.
+    if row.attention_type is _AttentionType.LINEAR and not case.causal:
+        return "causal only"
     causal = case.causal
-    return lambda q, k, v: attnax.lite_attention(q, k, v, causal=causal)
+    return lambda q, k, v: row.kernel(q, k, v, causal=causal)
 
 
 def _timed_function(kernel: _Kernel, backward: bool) -> Callable[..., Any]:
@@ -380,12 +366,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def _platform_note(backend: attnax.AttentionType) -> str:
-    # Both fall back to the memory-efficient kernel off GPU (documented in their docstrings),
-    # so their CPU numbers describe that kernel.
-    if jax.default_backend() != "gpu" and backend in (
-        _AttentionType.FLASH,
-        _AttentionType.PALLAS_FLASH,
-    ):
+    # The rows with a fallback hand every call to the memory-efficient kernel off GPU (the
+    # table's fallback notes), so their CPU numbers describe that kernel.
+    if jax.default_backend() != "gpu" and BACKENDS[backend].fallback is not None:
         return "memory_efficient fallback"
     return ""
 
@@ -412,7 +395,8 @@ def _measure(
     except NotImplementedError as error:
         return dataclasses.replace(template, status="not_implemented", note=_first_line(error))
     max_error = None
-    if backend in _SOFTMAX_BACKENDS:
+    # Softmax rows are compared with the reference; the others compute different functions.
+    if BACKENDS[backend].pair_scores:
         result = timed(*inputs)
         out = np.asarray(result[0] if config.backward else result, np.float64)
         max_error = float(np.max(np.abs(out - reference())))

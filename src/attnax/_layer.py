@@ -1,12 +1,11 @@
 """``MultiHeadAttention``: a thin NNX layer that projects, rotates, caches and calls a kernel.
 
 Data flows one way: spec -> projections -> RoPE -> KV cache -> kernel -> output projection ->
-dropout. Which kernel runs is decided in one table (:data:`_BACKENDS`).
+dropout. Which kernel runs is decided in one table, ``attnax._backends.BACKENDS``; the layer
+reads the spec's row of it (:attr:`AttentionSpec.backend`).
 """
 
 import functools
-import warnings
-from collections.abc import Callable
 from typing import Any, overload
 
 import jax
@@ -14,140 +13,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from ._backends import AttentionType, KernelSettings, user_layer_kernel
 from ._cache import KVLayerCache, PagedKVCache, attend_with_cache, cache_positions
-from ._checks import check_attention_output
-from ._mods import CausalMask, MaskScoreMod, SlidingWindowMask, compose_score_mods, split_score_mod
+from ._mods import MaskScoreMod, SlidingWindowMask, compose_score_mods
 from ._rope import apply_rope, rope_table
-from ._spec import AttentionSpec, AttentionType
+from ._spec import AttentionSpec
 from ._typing import AttentionFn, AttentionMask, ScoreMod
-from .kernels._flash import flash_attention_bthd
-from .kernels._linear import linear_attention
-from .kernels._lite import lite_attention
-from .kernels._memory_efficient import memory_efficient_attention
-from .kernels._pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention
-from .kernels._standard import standard_attention
 
 __all__ = ["MultiHeadAttention", "RotaryTable"]
 
 
 class RotaryTable(nnx.Variable[jax.Array]):
     """The precomputed RoPE cos/sin table: layer state, never trained."""
-
-
-# (batch, seq, heads, head_dim) in and out; the layer keeps that layout around the kernel so
-# backends that want it (cuDNN) need no transposes.
-_BTHDKernel = Callable[..., Float[Array, "B T H D"]]
-
-
-def _bhtd(kernel: AttentionFn) -> _BTHDKernel:
-    """Adapt a (batch, heads, seq, head_dim) kernel to the layer's (batch, seq, heads, dim)."""
-
-    def run(query: Array, key: Array, value: Array, **kwargs: Any) -> Array:
-        out = kernel(
-            jnp.swapaxes(query, 1, 2),
-            jnp.swapaxes(key, 1, 2),
-            jnp.swapaxes(value, 1, 2),
-            **kwargs,
-        )
-        return jnp.swapaxes(out, 1, 2)
-
-    return run
-
-
-def _standard(spec: AttentionSpec) -> _BTHDKernel:
-    return _bhtd(standard_attention)
-
-
-def _memory_efficient(spec: AttentionSpec) -> _BTHDKernel:
-    return _bhtd(
-        functools.partial(memory_efficient_attention, block_size=spec.attention_block_size)
-    )
-
-
-def _flash(spec: AttentionSpec) -> _BTHDKernel:
-    return functools.partial(flash_attention_bthd, block_size=spec.attention_block_size)
-
-
-def _pallas_flash(spec: AttentionSpec) -> _BTHDKernel:
-    # Triton tiles want powers of two with at least 16 rows per dot; larger than 128 spills.
-    block = 1 << (spec.attention_block_size.bit_length() - 1)
-    block = max(16, min(block, 128))
-    # At most FAST_FORWARD_BLOCK_KV keys per forward tile (why: at its definition).
-    key_block = min(block, FAST_FORWARD_BLOCK_KV)
-    return _bhtd(functools.partial(pallas_flash_attention, block_q=block, block_kv=key_block))
-
-
-def _linear(spec: AttentionSpec) -> _BTHDKernel:
-    chunk = spec.linear_attention_chunk_size
-
-    def run(query: Array, key: Array, value: Array, *, mask: AttentionMask | None = None,
-            score_mod: ScoreMod | None = None, **kwargs: Any) -> Array:
-        causal = _linear_causality(score_mod, "linear")
-        seq = query.shape[1]
-        if causal and seq % chunk != 0:
-            # Causal chunking needs whole chunks: pad at the end, where no real query looks.
-            pad = chunk - seq % chunk
-            widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-            query, key, value = (jnp.pad(x, widths) for x in (query, key, value))
-            if mask is not None and mask.shape[-1] != 1:
-                mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)), constant_values=False)
-        out = _bhtd(functools.partial(linear_attention, causal=causal, chunk_size=chunk))(
-            query, key, value, mask=mask, **kwargs
-        )
-        return out[:, :seq]
-
-    return run
-
-
-def _lite(spec: AttentionSpec) -> _BTHDKernel:
-    def run(query: Array, key: Array, value: Array, *, score_mod: ScoreMod | None = None,
-            gate: Array | None = None, **kwargs: Any) -> Array:
-        causal = _linear_causality(score_mod, "lite")
-        gate_bhtd = None if gate is None else jnp.swapaxes(gate, 1, 2)
-        return _bhtd(functools.partial(lite_attention, causal=causal, gate=gate_bhtd))(
-            query, key, value, **kwargs
-        )
-
-    return run
-
-
-def _linear_causality(score_mod: ScoreMod | None, backend: str) -> bool:
-    """LINEAR and LITE have no per-pair scores: a causal mask becomes their ``causal`` flag, and
-    any other score mod is ignored with a warning (documented on the layer)."""
-    mask_mod, value_mod = split_score_mod(score_mod)
-    causal = isinstance(mask_mod, CausalMask)
-    if value_mod is not None or (mask_mod is not None and not causal):
-        warnings.warn(
-            f"attention_type={backend!r} cannot apply score mods other than causal masking; the "
-            "score mod is ignored. Use a softmax backend (flash, pallas_flash, memory_efficient, "
-            "standard) to apply it.",
-            stacklevel=4,
-        )
-    return causal
-
-
-_BACKENDS: dict[AttentionType, Callable[[AttentionSpec], _BTHDKernel]] = {
-    AttentionType.STANDARD: _standard,
-    AttentionType.MEMORY_EFFICIENT: _memory_efficient,
-    AttentionType.FLASH: _flash,
-    AttentionType.PALLAS_FLASH: _pallas_flash,
-    AttentionType.LINEAR: _linear,
-    AttentionType.LITE: _lite,
-}
-
-
-def _user_kernel(attention_fn: AttentionFn) -> _BTHDKernel:
-    """Wrap a user ``attention_fn``: layout adapter plus the output shape check."""
-
-    def run(query: Array, key: Array, value: Array, **kwargs: Any) -> Array:
-        query_bhtd = jnp.swapaxes(query, 1, 2)
-        out = attention_fn(
-            query_bhtd, jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2), **kwargs
-        )
-        check_attention_output(out, query_bhtd, source="attention_fn")
-        return jnp.swapaxes(out, 1, 2)
-
-    return run
 
 
 class MultiHeadAttention(nnx.Module):
@@ -180,8 +57,9 @@ class MultiHeadAttention(nnx.Module):
       dtype: computation dtype name (default: inferred from inputs and parameters).
       param_dtype: parameter dtype name.
 
-    LINEAR and LITE have no per-pair scores: a causal mask mod becomes their causal form, other
-    score mods are ignored with a warning.
+    LINEAR and LITE have no per-pair scores: a causal mask mod becomes their causal form; any
+    other score mod raises ``NotImplementedError`` (at construction, a ``ValidationError``)
+    naming the backends that apply it.
 
     Example:
       >>> import jax, jax.numpy as jnp, attnax
@@ -262,7 +140,7 @@ class MultiHeadAttention(nnx.Module):
         self.out = linear(spec.resolved_qkv_features, spec.resolved_out_features)
         self.gate = (
             linear(spec.in_features, spec.resolved_qkv_features)
-            if spec.attention_type == AttentionType.LITE and spec.attention_fn is None
+            if spec.backend.gated and spec.attention_fn is None
             else nnx.data(None)
         )
         self.rope = (
@@ -274,9 +152,11 @@ class MultiHeadAttention(nnx.Module):
             spec.dropout_rate, broadcast_dims=(0,) if spec.broadcast_dropout else (), rngs=rngs
         )
         self._kernel = (
-            _user_kernel(spec.attention_fn)
+            user_layer_kernel(spec.attention_fn)
             if spec.attention_fn is not None
-            else _BACKENDS[spec.attention_type](spec)
+            else spec.backend.layer_kernel(
+                KernelSettings(spec.attention_block_size, spec.linear_attention_chunk_size)
+            )
         )
 
     @property
@@ -453,13 +333,11 @@ class MultiHeadAttention(nnx.Module):
                 "`mask` is not supported with `kv_cache`: the cache masks beyond each row's "
                 "length itself; express other masking as a score mod (e.g. document_mask_mod)."
             )
-        if spec.attention_fn is None and spec.attention_type in (
-            AttentionType.LINEAR,
-            AttentionType.LITE,
-        ):
+        reason = None if spec.attention_fn is not None else spec.backend.no_decode_reason
+        if reason is not None:
             raise NotImplementedError(
-                f"attention_type={spec.attention_type.value!r} has no KV-cache decode path; decode "
-                "with a softmax backend (flash, pallas_flash, memory_efficient, standard)."
+                f"attention_type={spec.backend.name!r} has no KV-cache decode path: {reason}. "
+                "Decode with a softmax backend (flash, pallas_flash, memory_efficient, standard)."
             )
         seq_q = x.shape[1]
         positions = cache_positions(kv_cache, seq_q) if position_ids_q is None else position_ids_q

@@ -5,7 +5,6 @@ cross-field rule is its own named validator whose ``ValidationError`` names the 
 and says how to fix it. Derived values are read-only properties.
 """
 
-import enum
 from typing import Annotated, Any, Self
 
 import jax.numpy as jnp
@@ -22,36 +21,10 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from ._backends import BACKENDS, AttentionType, Backend, softmax_backend_names
 from ._typing import AttentionFn, ScoreMod
 
 __all__ = ["AttentionSpec", "AttentionType"]
-
-
-class AttentionType(str, enum.Enum):
-    """The built-in attention backends a layer can use.
-
-    Attributes:
-      STANDARD: :func:`attnax.standard_attention`, the dense reference.
-      MEMORY_EFFICIENT: :func:`attnax.memory_efficient_attention`, tiled, O(T * D) memory.
-      FLASH: :func:`attnax.flash_attention` (cuDNN or Pallas on GPU, else memory-efficient).
-      PALLAS_FLASH: :func:`attnax.pallas_flash_attention`.
-      LINEAR: :func:`attnax.linear_attention` (no per-pair scores).
-      LITE: :func:`attnax.lite_attention` (no per-pair scores).
-
-    Example:
-      >>> import jax, jax.numpy as jnp, attnax
-      >>> attnax.AttentionType("flash") is attnax.AttentionType.FLASH
-      True
-      >>> [member.value for member in attnax.AttentionType]
-      ['standard', 'memory_efficient', 'flash', 'pallas_flash', 'linear', 'lite']
-    """
-
-    STANDARD = "standard"
-    MEMORY_EFFICIENT = "memory_efficient"
-    FLASH = "flash"
-    PALLAS_FLASH = "pallas_flash"
-    LINEAR = "linear"
-    LITE = "lite"
 
 
 _CALLABLE_NOTE = (
@@ -71,10 +44,6 @@ _DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
 # (NaN outputs, found by the property test).
 _RopeBase = Annotated[float, Field(gt=1.0)]
 
-# Backends whose math has no (query, key) score to modify or window to apply.
-_NO_SCORE_BACKENDS = frozenset({AttentionType.LINEAR, AttentionType.LITE})
-
-
 def _field_error(field: str, kind: str, message: str, value: Any, **context: Any) -> ValidationError:
     """A ValidationError located at ``field`` (pydantic puts model-validator errors at the root)."""
     return ValidationError.from_exception_data(
@@ -87,6 +56,11 @@ def _field_error(field: str, kind: str, message: str, value: Any, **context: Any
             )
         ],
     )
+
+
+def _softmax_backends_text() -> str:
+    names = [repr(name) for name in softmax_backend_names()]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _float_dtype_name(value: str | None, field: str) -> str | None:
@@ -171,6 +145,13 @@ class AttentionSpec(BaseModel, frozen=True, extra="forbid"):
         return self.resolved_qkv_features // self.num_heads
 
     @property
+    def backend(self) -> Backend:
+        """The row of the backend table (``attnax._backends.BACKENDS``) for ``attention_type``.
+
+        ``attention_fn``, where set, beats it (see :attr:`uses_custom_attention`)."""
+        return BACKENDS[self.attention_type]
+
+    @property
     def kv_features(self) -> int:
         """Key (and value) projection width, ``num_kv_heads * head_dim``."""
         return self.resolved_num_kv_heads * self.head_dim
@@ -251,17 +232,26 @@ class AttentionSpec(BaseModel, frozen=True, extra="forbid"):
         if (
             self.attention_window is not None
             and self.attention_fn is None
-            and self.attention_type in _NO_SCORE_BACKENDS
+            and not self.backend.pair_scores
         ):
             raise _field_error(
                 "attention_window",
                 "window_needs_softmax_backend",
                 "attention_window needs a softmax backend; attention_type='{attention_type}' has "
-                "no per-pair scores to window. Drop attention_window or use 'flash', "
-                "'pallas_flash', 'memory_efficient' or 'standard'.",
+                "no per-pair scores to window. Drop attention_window or use {softmax_backends}.",
                 self.attention_window,
                 attention_type=self.attention_type.value,
+                softmax_backends=_softmax_backends_text(),
             )
+        return self
+
+    @model_validator(mode="after")
+    def _score_mod_needs_scores(self) -> Self:
+        refusal = None if self.attention_fn is not None else (
+            self.backend.score_mod_refusal(self.score_mod)
+        )
+        if refusal is not None:
+            raise _field_error("score_mod", "score_mod_needs_softmax_backend", refusal, None)
         return self
 
     # ------------------------------------------------------------------ JSON

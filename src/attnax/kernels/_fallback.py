@@ -27,6 +27,9 @@ class FallbackKernel(Protocol):
         score_mod: ScoreMod | None,
         scale: float | None,
         block_size: int,
+        dropout_rng: Array | None = None,
+        dropout_rate: float = 0.0,
+        deterministic: bool = True,
     ) -> Array: ...
 
 

@@ -56,8 +56,7 @@ from ._common import (
     cudnn_internals_have,
     default_scale,
 )
-from ._memory_efficient import memory_efficient_attention
-from ._pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention
+from ._fallback import fallback
 
 __all__ = ["flash_attention", "flash_attention_bthd"]
 
@@ -251,49 +250,6 @@ def _call_dot_product_attention(
 # --------------------------------------------------------------------------- dispatch
 
 
-def _fallback_bhtd(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    mask: AttentionMask | None,
-    score_mod: ScoreMod | None,
-    dropout_rng: PRNGKeyArray | None,
-    dropout_rate: float,
-    deterministic: bool,
-    block_size: int,
-    scale: float | None,
-    on_cuda: bool,
-) -> jax.Array:
-    """Pallas flash on an NVIDIA GPU for half-precision inputs, memory-efficient otherwise."""
-    half = jnp.dtype(query.dtype) in _HALF_DTYPES
-    if on_cuda and half:
-        return pallas_flash_attention(
-            query,
-            key,
-            value,
-            mask=mask,
-            score_mod=score_mod,
-            dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate,
-            deterministic=deterministic,
-            scale=scale,
-            block_kv=FAST_FORWARD_BLOCK_KV,
-        )
-    return memory_efficient_attention(
-        query,
-        key,
-        value,
-        mask=mask,
-        score_mod=score_mod,
-        dropout_rng=dropout_rng,
-        dropout_rate=dropout_rate,
-        deterministic=deterministic,
-        block_size=block_size,
-        scale=scale,
-    )
-
-
 def _cudnn_plan_for(
     query: jax.Array,
     key: jax.Array,
@@ -304,7 +260,7 @@ def _cudnn_plan_for(
     score_mod: ScoreMod | None,
     dropout_active: bool,
     name: str,
-) -> tuple[_CudnnPlan | None, bool]:
+) -> _CudnnPlan | None:
     capability = cuda_compute_capability()
     plan = cudnn_plan(
         dtypes=(query.dtype, key.dtype, value.dtype),
@@ -320,7 +276,7 @@ def _cudnn_plan_for(
             "(jax.nn.dot_product_attention has no dropout); use memory_efficient_attention "
             "or standard_attention for attention dropout, or set dropout_rate=0."
         )
-    return plan, capability is not None
+    return plan
 
 
 # --------------------------------------------------------------------------- public
@@ -349,7 +305,7 @@ def _flash(
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     positive_int(block_size, "block_size", caller=name)
     seq_axis = 2 if layout == "bhtd" else 1
-    plan, on_cuda = _cudnn_plan_for(
+    plan = _cudnn_plan_for(
         query,
         key,
         value,
@@ -365,7 +321,8 @@ def _flash(
 
     if plan is None:
         to_bhtd = swap if layout == "bthd" else (lambda x: x)
-        out = _fallback_bhtd(
+        # The backend table names who serves what cuDNN cannot (attnax._backends).
+        out = fallback("flash_attention")(
             to_bhtd(query),
             to_bhtd(key),
             to_bhtd(value),
@@ -376,7 +333,6 @@ def _flash(
             deterministic=deterministic,
             block_size=block_size,
             scale=scale,
-            on_cuda=on_cuda,
         )
         return to_bhtd(out)
     # cuDNN takes either layout where JAX's cuDNN module is there; else (B, T, H, D) only.
@@ -411,7 +367,9 @@ def flash_attention(
 ) -> AttentionOutput:
     """Flash attention in the (batch, heads, seq, head_dim) layout.
 
-    Paths, chosen from static facts (backend, dtypes, head_dim, the score mod's type):
+    Paths, chosen from static facts (backend, dtypes, head_dim, the score mod's type); paths
+    2 and 3 are FLASH's fallback in the backend table (``attnax._backends``), which this kernel
+    reaches through ``attnax.kernels._fallback``:
 
     1. cuDNN (``jax.nn.dot_product_attention(implementation="cudnn")``): NVIDIA GPU with compute
        capability >= 8.0, query/key/value all bf16 or all fp16, head_dim a multiple of 8 and at
