@@ -9,16 +9,19 @@ raises ``TypeError`` naming the argument, also while tracing under ``jax.jit``.
 
 import contextlib
 import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar, overload
 
 import beartype
+import jax.numpy as jnp
 import jaxtyping
 import numpy as np
 
 __all__ = [
     "check_attention_output",
+    "check_float_inputs",
     "check_head_grouping",
     "positive_int",
     "shape_checked",
@@ -33,6 +36,44 @@ def positive_int(value: int, argument: str, *, caller: str | None = None) -> int
         where = f"{caller}: " if caller else ""
         raise ValueError(f"{where}`{argument}` must be a positive int, got {value!r}.")
     return int(value)
+
+
+def check_float_inputs(name: str, **arrays: Any) -> None:
+    """Raise ``TypeError`` unless every given array has a real floating dtype.
+
+    Attention is a softmax over dot products: integers, booleans and complex numbers have no
+    meaning there, and the kernels used to give a different wrong answer each. The test is on
+    the dtype, a static fact, so it costs nothing under ``jit`` and runs whether or not shape
+    checks are on (with checks on, it runs before jaxtyping so the message names the fix).
+
+    Args:
+      name: the calling kernel or function, named first in the message.
+      **arrays: the arguments by the names the caller's signature gives them; ``None`` skipped.
+
+    Raises:
+      TypeError: naming the first argument that is not floating point, its dtype and the fix.
+    """
+    for arg, array in arrays.items():
+        if array is None:
+            continue
+        dtype = jnp.result_type(array)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name}: `{arg}` must have a floating dtype (bfloat16, float16, float32 or "
+                f"float64), got {dtype}; cast it first, e.g. `{arg}.astype(jnp.float32)`."
+            )
+
+
+# The arguments the dtype rule covers, by the names kernels and caches give them.
+_FLOAT_ARGUMENTS = (
+    "query", "key", "value", "keys", "values", "keys_new", "values_new", "key_pool", "value_pool"
+)
+
+
+def _float_arguments_of(kernel: Callable[..., Any]) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the parameters of ``kernel`` that the dtype rule covers."""
+    names = list(inspect.signature(kernel).parameters)
+    return tuple((i, n) for i, n in enumerate(names) if n in _FLOAT_ARGUMENTS)
 
 
 _P = ParamSpec("_P")
@@ -145,11 +186,16 @@ def shape_checked(
 
     def decorate(kernel: Callable[_P, _R]) -> Callable[_P, _R]:
         checked = jaxtyping.jaxtyped(typechecker=beartype.beartype)(kernel)
+        float_arguments = _float_arguments_of(kernel)
 
         @functools.wraps(kernel)
         def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             if not _enabled_stack[-1]:
                 return kernel(*args, **kwargs)
+            check_float_inputs(
+                kernel.__name__,
+                **{n: kwargs.get(n, args[i] if i < len(args) else None) for i, n in float_arguments},
+            )
             if head_axis is not None:
                 _grouping_of(args, kwargs, head_axis)
             return checked(*args, **kwargs)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from .._checks import check_float_inputs
 from .._typing import AttentionMask, MaskMod, ScoreIndex, ScoreMod
 
 __all__ = [
@@ -58,12 +59,15 @@ def _axes(layout: Layout) -> tuple[int, int]:
 def check_qkv(
     query: Array, key: Array, value: Array, *, name: str, layout: Layout = "bhtd"
 ) -> None:
-    """Validate ranks, head grouping and head_dim with errors that name the argument.
+    """Validate dtypes, ranks, head grouping and head_dim with errors that name the argument.
 
-    These checks are free (static shapes) and always on: a wrong layout must never produce a
-    silent wrong answer, whether or not jaxtyping checks are enabled. ``layout`` says where the
-    heads axis is ("bthd" is cuDNN's order, used by ``flash_attention_bthd``).
+    These checks are free (static dtypes and shapes) and always on: a wrong layout or an integer
+    input must never produce a silent wrong answer, whether or not jaxtyping checks are enabled.
+    ``layout`` says where the heads axis is ("bthd" is cuDNN's order, used by
+    ``flash_attention_bthd``). Mixed floating dtypes pass here; kernels promote them with
+    :func:`attnax.kernels._dtypes.promote_qkv`.
     """
+    check_float_inputs(name, query=query, key=key, value=value)
     heads_axis, _ = _axes(layout)
     for arg, array in (("query", query), ("key", key), ("value", value)):
         if array.ndim != 4:
