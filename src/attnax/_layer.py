@@ -14,6 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ._backends import AttentionType, KernelSettings, user_layer_kernel
+from ._checks import check_float_inputs
 from ._cache import KVLayerCache, PagedKVCache, attend_with_cache, cache_positions
 from ._mods import MaskScoreMod, SlidingWindowMask, compose_score_mods
 from ._rope import apply_rope, rope_table
@@ -238,6 +239,7 @@ class MultiHeadAttention(nnx.Module):
           (batch, seq_q, out_features), or ``(out, new_cache)`` when ``kv_cache`` is given.
         """
         spec = self._spec
+        check_float_inputs("MultiHeadAttention", x=x, context=context)
         if x.ndim != 3 or x.shape[-1] != spec.in_features:
             raise ValueError(
                 f"`x` must have shape (batch, seq, in_features={spec.in_features}), got {x.shape}."
