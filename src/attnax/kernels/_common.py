@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float
 
 from .._checks import check_float_inputs
 from .._typing import AttentionMask, MaskMod, ScoreIndex, ScoreMod
+from ._dtypes import promote_qkv
 
 __all__ = [
     "accumulation_dtype",
@@ -58,14 +59,18 @@ def _axes(layout: Layout) -> tuple[int, int]:
 
 def check_qkv(
     query: Array, key: Array, value: Array, *, name: str, layout: Layout = "bhtd"
-) -> None:
+) -> tuple[Array, Array, Array]:
     """Validate dtypes, ranks, head grouping and head_dim with errors that name the argument.
 
     These checks are free (static dtypes and shapes) and always on: a wrong layout or an integer
     input must never produce a silent wrong answer, whether or not jaxtyping checks are enabled.
     ``layout`` says where the heads axis is ("bthd" is cuDNN's order, used by
-    ``flash_attention_bthd``). Mixed floating dtypes pass here; kernels promote them with
-    :func:`attnax.kernels._dtypes.promote_qkv`.
+    ``flash_attention_bthd``).
+
+    Returns:
+      query, key and value in their promoted dtype (:func:`attnax.kernels._dtypes.promote_qkv`:
+      mixed floating dtypes are promoted as ``jnp.result_type`` promotes them); kernels go on
+      with these.
     """
     check_float_inputs(name, query=query, key=key, value=value)
     heads_axis, _ = _axes(layout)
@@ -93,6 +98,7 @@ def check_qkv(
             f"{name}: `key` has {key.shape[heads_axis]} heads, which does not divide the "
             f"query's {query.shape[heads_axis]}; use a key/value head count that divides it."
         )
+    return promote_qkv(query, key, value, name=name)
 
 
 def check_mask(

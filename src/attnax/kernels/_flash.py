@@ -300,7 +300,7 @@ def _flash(
     """Both public entry points: cuDNN runs in either layout (see
     :func:`heads_major_cudnn_available`), the fallbacks in (B, H, T, D); the arrays are
     transposed only for a path that needs the other layout."""
-    check_qkv(query, key, value, name=name, layout=layout)
+    query, key, value = check_qkv(query, key, value, name=name, layout=layout)
     check_mask(mask, query, key, name=name, layout=layout)
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     positive_int(block_size, "block_size", caller=name)

@@ -81,7 +81,7 @@ def standard_attention(
       True
     """
     name = "standard_attention"
-    check_qkv(query, key, value, name=name)
+    query, key, value = check_qkv(query, key, value, name=name)
     check_mask(mask, query, key, name=name)
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     batch, num_heads, seq_q, head_dim = query.shape
