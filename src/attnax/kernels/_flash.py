@@ -34,7 +34,7 @@ from .._mods import (
     AndMask,
     CausalMask,
     SlidingWindowMask,
-    _ValueChain,
+    ValueChain,
     split_score_mod,
 )
 from .._typing import (
@@ -109,7 +109,7 @@ def _cudnn_biases(value_mod: ScoreMod | None) -> tuple[Array, ...] | None:
         return ()
     if isinstance(value_mod, AdditiveBiasMod):
         return (value_mod.bias,)
-    if isinstance(value_mod, _ValueChain):
+    if isinstance(value_mod, ValueChain):
         biases: list[Array] = []
         for part in value_mod.score_mods:
             translated = _cudnn_biases(part)

@@ -59,7 +59,7 @@ from .._mods import (
     PrefixLMMask,
     SlidingWindowMask,
     SoftcapMod,
-    _ValueChain,
+    ValueChain,
     block_sparsity,
     block_sparsity_from_mask,
     split_score_mod,
@@ -536,7 +536,7 @@ class _Builder:
             self.bias_slots.append(self.add_plane(bias, seq_q, seq_kv))
             self.bias_leaves.append(mod.bias)
             return lambda s, t, biases: s + biases[position]
-        if isinstance(mod, _ValueChain):
+        if isinstance(mod, ValueChain):
             parts = [self.value(m, q_off, kv_off, seq_q, seq_kv) for m in mod.score_mods]
 
             def chain(s: Any, t: _Tile, biases: Sequence[Any]) -> Any:
@@ -601,7 +601,7 @@ def _builtin_value(mod: Any, *, shifted: bool) -> bool:
         return True
     if isinstance(mod, AdditiveBiasMod):
         return not shifted  # _Builder.value refuses a shifted bias
-    if isinstance(mod, _ValueChain):
+    if isinstance(mod, ValueChain):
         return all(_builtin_value(part, shifted=shifted) for part in mod.score_mods)
     if isinstance(mod, OffsetScoreMod):
         return _builtin_value(mod.score_mod, shifted=True)
