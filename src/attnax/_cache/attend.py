@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._checks import positive_int
+from .._checks import check_float_inputs, positive_int
 from .._mods import (
     AndMask,
     CausalMask,
@@ -231,7 +231,9 @@ def _check_attend_args(
     scale: float | None,
     name: str,
 ) -> None:
-    """Raise the argument errors of :func:`attend_with_cache`, in the order it always has."""
+    """Raise the argument errors of :func:`attend_with_cache`, in the order it always has
+    (after the dtype rule: a non-float query is a ``TypeError``)."""
+    check_float_inputs(name, query=query)
     if attention_window is not None:
         positive_int(attention_window, "attention_window", caller=name)
     if (

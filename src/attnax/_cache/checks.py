@@ -8,7 +8,7 @@ import numpy as np
 from jax.experimental import checkify
 from jaxtyping import Array, Bool, Int
 
-from .._checks import shape_checks_enabled
+from .._checks import check_float_inputs, shape_checks_enabled
 
 
 def is_concrete(*values: Any) -> bool:
@@ -31,7 +31,9 @@ def overflow_check(fits: Bool[Array, " B"], capacity: int, requested: Int[Array,
 def check_new_kv(
     keys_new: Array, values_new: Array, *, batch: int, num_kv_heads: int, head_dim: int, name: str
 ) -> None:
-    """Raise ``ValueError`` unless both arrays are (batch, kv_heads, T, head_dim) and agree."""
+    """Raise ``TypeError`` unless both arrays are floating point (the dtype rule every kernel
+    applies) and ``ValueError`` unless both are (batch, kv_heads, T, head_dim) and agree."""
+    check_float_inputs(name, keys_new=keys_new, values_new=values_new)
     expected = (batch, num_kv_heads, "T", head_dim)
     for arg, array in (("keys_new", keys_new), ("values_new", values_new)):
         if (

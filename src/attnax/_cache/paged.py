@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from .._checks import positive_int
+from .._checks import check_float_inputs, positive_int
 from .checks import check_new_kv, check_sequence_idx, is_concrete, overflow_check
 
 
@@ -223,6 +223,7 @@ def append_kv(
       ([3], [[0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
     """
     name = "append_kv"
+    check_float_inputs(name, keys_new=keys_new, values_new=values_new)
     _, _, num_kv_heads, head_dim = cache.key_pool.shape
     if keys_new.ndim != 3 or keys_new.shape[0] != num_kv_heads or keys_new.shape[2] != head_dim:
         raise ValueError(
