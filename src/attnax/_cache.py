@@ -52,9 +52,8 @@ from ._mods import (
     shift_positions,
 )
 from ._typing import AttentionFn, AttentionOutput, QueryArray, ScoreIndex, ScoreMod, Scores
-from .kernels._decode import decode_attention
-from .kernels._paged import paged_decode_attention
 from .kernels._standard import standard_attention
+from .kernels.decode import decode_attention, paged_decode_attention
 
 __all__ = [
     "BlockAllocator",

@@ -30,7 +30,7 @@ from .._typing import (
     ValueArray,
 )
 from ._common import accumulation_dtype, check_qkv
-from ._linear import check_causal_lengths, key_padding_mask, refuse_weight_dropout
+from .linear.checks import check_causal_lengths, key_padding_mask, refuse_weight_dropout
 
 __all__ = ["lite_attention"]
 

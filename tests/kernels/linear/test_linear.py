@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from attnax._mods import causal_mod
-from attnax.kernels import _linear as _linear_module
-from attnax.kernels import _linear_pallas
-from attnax.kernels._linear import _fused_chunk, linear_attention
+from attnax.kernels.linear import fused as fused_module
+from attnax.kernels.linear import linear_attention
+from attnax.kernels.linear import pallas as pallas_module
+from attnax.kernels.linear.fused import fused_chunk
 from tests._reference import random_qkv, relative_error
 
 
@@ -307,7 +308,7 @@ def test_fused_kernels_bf16_interpreted() -> None:
 
 def test_fused_kernels_raise_short_chunks_to_128_interpreted() -> None:
     """chunk_size=16 over 256 positions runs the kernels with 128-position chunks, same result."""
-    assert [_fused_chunk(c, t) for c, t in [(64, 16384), (16, 256), (16, 192), (256, 512)]] == [
+    assert [fused_chunk(c, t) for c, t in [(64, 16384), (16, 256), (16, 192), (256, 512)]] == [
         128,
         128,
         16,
@@ -343,8 +344,8 @@ def test_fused_several_chunks_per_program_interpreted(
 ) -> None:
     """Every kernel looping over several chunks per program (3 rounds down to 2 of 4)."""
     q, k, v = random_qkv(25, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16)
-    for kernel in _linear_pallas.CHUNKS_PER_PROGRAM:
-        monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, kernel, per_program)
+    for kernel in pallas_module.CHUNKS_PER_PROGRAM:
+        monkeypatch.setitem(pallas_module.CHUNKS_PER_PROGRAM, kernel, per_program)
 
     def fused(*a: jax.Array) -> jax.Array:
         return linear_attention(*a, chunk_size=16, use_pallas=True, interpret=True)
@@ -376,7 +377,7 @@ def test_fused_kernels_on_gpu(
     monkeypatch: pytest.MonkeyPatch, num_kv_heads: int, head_dim: int, chunk_size: int
 ) -> None:
     """Compiled Triton kernels (bf16) against the XLA formulation, values and gradients."""
-    monkeypatch.setattr(_linear_module, "FUSED_MIN_CHUNK", 0)  # run the chunk asked for
+    monkeypatch.setattr(fused_module, "FUSED_MIN_CHUNK", 0)  # run the chunk asked for
     q, k, v = random_qkv(
         24,
         num_heads=8,
