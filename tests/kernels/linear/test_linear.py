@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnax._backends import softmax_backend_names
 from attnax._mods import causal_mod
 from attnax.kernels.linear import fused as fused_module
 from attnax.kernels.linear import linear_attention
 from attnax.kernels.linear import pallas as pallas_module
+from attnax.kernels.linear.checks import SOFTMAX_BACKEND_NAMES
 from attnax.kernels.linear.fused import fused_chunk
-from tests._reference import random_qkv, relative_error
+from tests._reference import PAIR_SCORE_MODS, random_qkv, relative_error
 
 
 def _phi_np(x: np.ndarray) -> np.ndarray:
@@ -197,10 +199,31 @@ def test_bad_chunk_size_raises(chunk_size: int) -> None:
         linear_attention(q, k, v, chunk_size=chunk_size)
 
 
-def test_score_mod_raises() -> None:
+@pytest.mark.parametrize("mod", sorted(PAIR_SCORE_MODS))
+def test_score_mod_raises(mod: str) -> None:
+    """A mod other than causal masking is refused, naming the backends that apply it.
+
+    (Before issue 19 item 5 the causal mod was refused too; it is now applied, below.)
+    """
     q, k, v = random_qkv(12, num_heads=2, seq_q=8, head_dim=4)
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        linear_attention(q, k, v, score_mod=causal_mod())
+    with pytest.raises(NotImplementedError, match="score_mod") as error:
+        linear_attention(q, k, v, score_mod=PAIR_SCORE_MODS[mod]())
+    for backend in softmax_backend_names():
+        assert repr(backend) in str(error.value)
+    assert "standard_attention" in str(error.value)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_mod_is_applied(causal: bool) -> None:
+    """causal_mod() is the causal form, whatever ``causal`` says."""
+    q, k, v = random_qkv(12, num_heads=2, num_kv_heads=1, seq_q=8, head_dim=4)
+    out = linear_attention(q, k, v, causal=causal, chunk_size=4, score_mod=causal_mod())
+    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
+
+
+def test_softmax_backend_names_match_the_table() -> None:
+    """The kernels' constant (kernels never import the table) is the table's list."""
+    assert SOFTMAX_BACKEND_NAMES == softmax_backend_names()
 
 
 def test_active_dropout_raises() -> None:

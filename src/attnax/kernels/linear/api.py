@@ -16,11 +16,21 @@ from ..._typing import (
     ValueArray,
 )
 from .._common import check_qkv
-from .checks import check_causal_lengths, key_padding_mask, refuse_weight_dropout
+from .checks import (
+    causal_from_score_mod,
+    check_causal_lengths,
+    key_padding_mask,
+    refuse_weight_dropout,
+)
 from .fused import fused_causal, fused_chunk, use_fused
 from .xla import xla_linear
 
 __all__ = ["linear_attention"]
+
+_NO_SCORES = (
+    "it never forms the (seq_q, seq_kv) scores a score mod rewrites (phi(q)·phi(k) factorises "
+    "through a head_dim × head_dim state)."
+)
 
 
 @functools.partial(
@@ -95,7 +105,8 @@ def linear_attention(
       value: like ``key``.
       mask: a key-padding mask only, boolean and broadcastable to (batch, 1, 1, seq_kv); True
         means attend. Padded keys contribute nothing.
-      score_mod: unsupported (NotImplementedError); must be None.
+      score_mod: only causal masking (``causal_mod()``, the same as ``causal=True``); any
+        other mod is NotImplementedError (a softmax backend applies it).
       dropout_rng: unused (dropout is unsupported).
       dropout_rate: must be 0 unless ``deterministic``.
       deterministic: dropout is off when True.
@@ -125,8 +136,8 @@ def linear_attention(
       ValueError: for shapes that do not fit, a bad mask, bad dropout arguments, a
         non-positive ``chunk_size``, or a causal seq_q that is not a multiple of
         ``chunk_size`` (pad the sequence, as the layer does).
-      NotImplementedError: for a ``score_mod``, active dropout, a mask that is not a
-        key-padding mask, or causal attention with seq_q != seq_kv.
+      NotImplementedError: for a ``score_mod`` other than causal masking, active dropout, a
+        mask that is not a key-padding mask, or causal attention with seq_q != seq_kv.
 
     Example:
       >>> import jax, jax.numpy as jnp, attnax
@@ -143,13 +154,7 @@ def linear_attention(
     check_qkv(query, key, value, name=name)
     key_mask = key_padding_mask(mask, query, key, name=name)
     refuse_weight_dropout(dropout_rate, dropout_rng, deterministic, name=name)
-    if score_mod is not None:
-        raise NotImplementedError(
-            f"{name} does not support `score_mod`: it never forms the (seq_q, seq_kv) scores a "
-            "score mod rewrites (phi(q)·phi(k) factorises through a head_dim × head_dim "
-            "state). Use causal=True for causal masking and `mask` for key padding, or a "
-            "softmax kernel (standard_attention, memory_efficient_attention) for score mods."
-        )
+    causal = causal_from_score_mod(score_mod, why=_NO_SCORES, name=name) or causal
     positive_int(chunk_size, "chunk_size", caller=name)
     seq_q, seq_kv = query.shape[2], key.shape[2]
     check_causal_lengths(causal, seq_q, seq_kv, name=name)

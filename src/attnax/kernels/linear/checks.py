@@ -3,10 +3,22 @@
 import jax.numpy as jnp
 from jaxtyping import Array, Bool
 
-from ..._typing import AttentionMask
+from ..._mods import CausalMask, split_score_mod
+from ..._typing import AttentionMask, ScoreMod
 from .._common import check_dropout, check_mask
 
-__all__ = ["check_causal_lengths", "key_padding_mask", "refuse_weight_dropout"]
+__all__ = [
+    "SOFTMAX_BACKEND_NAMES",
+    "causal_from_score_mod",
+    "check_causal_lengths",
+    "key_padding_mask",
+    "refuse_weight_dropout",
+]
+
+# The attention_type values that apply any score mod (they form per-pair scores), fastest
+# first: ``attnax._backends.softmax_backend_names()``, written out because a kernel never
+# imports the backend table (tests/kernels/linear/test_linear.py checks that the two agree).
+SOFTMAX_BACKEND_NAMES = ("pallas_flash", "flash", "memory_efficient", "standard")
 
 
 def key_padding_mask(
@@ -51,3 +63,33 @@ def check_causal_lengths(causal: bool, seq_q: int, seq_kv: int, *, name: str) ->
             "a cache, call it with causal=False and a key-padding mask of the filled cache "
             "slots, or use standard_attention with a shifted causal mod."
         )
+
+
+def causal_from_score_mod(score_mod: ScoreMod | None, *, why: str, name: str) -> bool:
+    """Whether ``score_mod`` asks for causal masking, the one mod these kernels can apply.
+
+    A kernel without per-pair scores applies causal masking as its causal form; any other
+    mask or value mod is refused (never ignored), naming the softmax backends that apply it.
+
+    Args:
+      score_mod: the caller's mod, or None.
+      why: the kernel's reason, one sentence: why it has no scores for a mod to rewrite.
+      name: the kernel, for the message.
+
+    Returns:
+      True for a causal mask mod (``causal_mod()``), False for None or an empty mod.
+
+    Raises:
+      NotImplementedError: for any other score mod.
+    """
+    mask_mod, value_mod = split_score_mod(score_mod)
+    if value_mod is None and (mask_mod is None or isinstance(mask_mod, CausalMask)):
+        return isinstance(mask_mod, CausalMask)
+    quoted = [repr(backend) for backend in SOFTMAX_BACKEND_NAMES]
+    kernels = ", ".join(f"{backend}_attention" for backend in SOFTMAX_BACKEND_NAMES)
+    raise NotImplementedError(
+        f"{name} does not support this `score_mod` ({type(score_mod).__name__}): {why} It "
+        "applies no score mod but causal masking (causal_mod() or causal=True), and key "
+        f"padding through `mask`; use attention_type={', '.join(quoted[:-1])} or {quoted[-1]} "
+        f"(the kernels {kernels}), which apply any score mod, or drop the mod."
+    )
