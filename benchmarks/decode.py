@@ -77,8 +77,7 @@ def _short(entry: dict[str, Any]) -> str:
 
 
 def kernel_benchmarks(args: argparse.Namespace) -> None:
-    from attnax.kernels._decode import decode_attention
-    from attnax.kernels._paged import paged_decode_attention
+    from attnax.kernels.decode import decode_attention, paged_decode_attention
 
     batch, num_heads, num_kv_heads, head_dim, length = (
         args.batch,

@@ -89,7 +89,7 @@ kernels)
   (
     export CUDA_VISIBLE_DEVICES=0
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests --timeout 120 -rf 2>&1 | tail -30
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear.py tests/kernels/test_ring_flash.py --timeout 120 -rf 2>&1 | tail -15
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/linear/test_linear.py tests/kernels/test_ring_flash.py --timeout 120 -rf 2>&1 | tail -15
     timeout 150 python3 benchmarks/linear_chunks.py
   ) >"$OUT/gpu0.log" 2>&1 &
   (
@@ -105,7 +105,7 @@ round2)
   (
     export CUDA_VISIBLE_DEVICES=0
     timeout 100 python3 benchmarks/linear_chunks.py
-    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_linear.py tests/kernels/test_paged.py --timeout 60 -rf 2>&1 | tail -5
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/linear/test_linear.py tests/kernels/decode/test_paged.py --timeout 60 -rf 2>&1 | tail -5
   ) >"$OUT/gpu0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
@@ -130,7 +130,7 @@ round4)
   timeout 200 python3 benchmarks/ring.py --memory >"$OUT/ring_memory.log" 2>&1
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 100 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_linear.py --timeout 60 -rf 2>&1 | tail -4
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/linear/test_linear.py --timeout 60 -rf 2>&1 | tail -4
     timeout 100 python3 benchmarks/linear_profile.py
     timeout 100 python3 benchmarks/linear_chunks.py
   ) >"$OUT/gpu0.log" 2>&1 &
@@ -148,7 +148,7 @@ round5)
     --lengths 1048576,1310720,1572864,2097152,2621440,3145728 >"$OUT/ring_memory.log" 2>&1
   ;;
 round6|round7)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_linear.py --timeout 100 -rf 2>&1 | tail -25
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/linear/test_linear.py --timeout 100 -rf 2>&1 | tail -25
   timeout 150 python3 benchmarks/linear_chunks.py
   ;;
 round8)
@@ -196,13 +196,13 @@ paged)
   # Paged decode GPU tests, then the kernel table (the sweep's best rows too). Call 9 of the
   # third session ran this with a --paged-packed variant (since reverted), call 10 with the
   # 2-D row gather.
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_paged.py tests/kernels/test_decode.py --timeout 100 -rf 2>&1 | tail -4
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/decode/test_paged.py tests/kernels/decode/test_decode.py --timeout 100 -rf 2>&1 | tail -4
   timeout 200 python3 benchmarks/decode.py --skip-e2e --sweep >"$OUT/decode.log" 2>&1
   ;;
 linear)
   # Fourth session: LINEAR's fused Pallas backward (and forward knobs): its GPU tests, then the
   # table beside cuDNN FLASH with each fused stage timed alone.
-  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_linear.py --timeout 120 -rf 2>&1 | tail -6
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/linear/test_linear.py --timeout 120 -rf 2>&1 | tail -6
   timeout 300 python3 benchmarks/linear_chunks.py --stages >"$OUT/linear.log" 2>&1
   if [ "${2:-}" = prefill ]; then
     timeout 240 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from _timing import median_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 from attnax import causal_mod, linear_attention
-from attnax.kernels import _linear, _linear_pallas, _linear_pallas_vjp
 from attnax.kernels._flash import flash_attention_bthd
+from attnax.kernels.linear import fused, pallas, pallas_vjp, xla
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--calls", type=int, default=10)
@@ -44,9 +44,9 @@ q_h, k_h, v_h, g_h = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, g))
 DEFAULTS = tuple(
     dict(d)
     for d in (
-        _linear_pallas.NUM_WARPS,
-        _linear_pallas.NUM_STAGES,
-        _linear_pallas.CHUNKS_PER_PROGRAM,
+        pallas.NUM_WARPS,
+        pallas.NUM_STAGES,
+        pallas.CHUNKS_PER_PROGRAM,
     )
 )
 
@@ -71,15 +71,15 @@ def configure(
     min_chunk: int = 128,
 ) -> None:
     for knob, default, override in zip(
-        (_linear_pallas.NUM_WARPS, _linear_pallas.NUM_STAGES, _linear_pallas.CHUNKS_PER_PROGRAM),
+        (pallas.NUM_WARPS, pallas.NUM_STAGES, pallas.CHUNKS_PER_PROGRAM),
         DEFAULTS,
         (warps, stages, per_program),
         strict=True,
     ):
         knob.clear()
         knob.update(default, **(override or {}))
-    _linear.FUSED_BACKWARD = fused_bwd
-    _linear.FUSED_MIN_CHUNK = min_chunk
+    fused.FUSED_BACKWARD = fused_bwd
+    fused.FUSED_MIN_CHUNK = min_chunk
     # The knobs are read when the kernels are traced; inner jits cache their traces.
     jax.clear_caches()
 
@@ -88,7 +88,7 @@ def linear(chunk: int, **knobs: Any) -> tuple[Callable[..., Any], dict[str, Any]
     return (lambda q, k, v: linear_attention(q, k, v, causal=True, chunk_size=chunk)), knobs
 
 
-ONE_PER_PROGRAM = {name: 1 for name in _linear_pallas.CHUNKS_PER_PROGRAM}
+ONE_PER_PROGRAM = {name: 1 for name in pallas.CHUNKS_PER_PROGRAM}
 impls: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
     "flash (cuDNN)": (lambda q, k, v: flash_attention_bthd(q, k, v, score_mod=causal_mod()), {}),
     "linear default (chunk_size=64)": linear(64),
@@ -143,20 +143,20 @@ stages: list[dict[str, Any]] = []
 if args.stages:
     chunk, scale = 128, 1.0
     INTERPRET = jax.default_backend() != "gpu"  # a CPU smoke run of this script
-    prefix = _linear._exclusive_prefix_sum
+    prefix = xla.exclusive_prefix_sum
     forward = jax.jit(
-        lambda q, k, v: _linear_pallas.fused_causal_forward(
+        lambda q, k, v: pallas.fused_causal_forward(
             q, k, v, chunk=chunk, scale=scale, exclusive_prefix_sum=prefix, interpret=INTERPRET
         )
     )
     out, saved = forward(q_h, k_h, v_h)
     states, norms = jax.jit(
-        lambda k, v: _linear_pallas._chunk_states(k, v, chunk=chunk, interpret=INTERPRET)
+        lambda k, v: pallas.chunk_states(k, v, chunk=chunk, interpret=INTERPRET)
     )(k_h, v_h)
     stage_fns: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
         "fwd: chunk_states kernel": (
             jax.jit(
-                lambda k, v: _linear_pallas._chunk_states(k, v, chunk=chunk, interpret=INTERPRET)
+                lambda k, v: pallas.chunk_states(k, v, chunk=chunk, interpret=INTERPRET)
             ),
             (k_h, v_h),
         ),
@@ -181,7 +181,7 @@ if args.stages:
         ),
         "fwd: chunk_outputs kernel": (
             jax.jit(
-                lambda q, k, v, s, n: _linear_pallas._chunk_outputs(
+                lambda q, k, v, s, n: pallas.chunk_outputs(
                     q, k, v, s, n, chunk=chunk, scale=scale, interpret=INTERPRET
                 )
             ),
@@ -190,7 +190,7 @@ if args.stages:
         "fwd: whole": (forward, (q_h, k_h, v_h)),
         "bwd: whole (fused)": (
             jax.jit(
-                lambda q, k, v, o, r, g: _linear_pallas_vjp.fused_causal_backward(
+                lambda q, k, v, o, r, g: pallas_vjp.fused_causal_backward(
                     q,
                     k,
                     v,

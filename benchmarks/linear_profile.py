@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from _timing import median_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 from attnax import linear_attention
-from attnax.kernels import _linear
+from attnax.kernels.linear import xla
 
 SMOKE = "--smoke" in sys.argv
 B, H, S, D = (1, 2, 256, 16) if SMOKE else (1, 16, 16384, 128)
@@ -60,8 +60,8 @@ def chunk_states_f32(k_c: jax.Array, v_c: jax.Array) -> tuple[jax.Array, jax.Arr
 @jax.jit
 def prefix(states: jax.Array, norms: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (
-        _linear._exclusive_prefix_sum(states).astype(OPERAND),
-        _linear._exclusive_prefix_sum(norms).astype(OPERAND),
+        xla.exclusive_prefix_sum(states).astype(OPERAND),
+        xla.exclusive_prefix_sum(norms).astype(OPERAND),
     )
 
 

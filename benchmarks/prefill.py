@@ -13,7 +13,7 @@ forward+backward, for
 
 plus GQA 32/8 and a causal 1024-token sliding window (FLASH against raw cuDNN),
 ``memeff`` at S=131072 (B1, 16 heads; XLA is tried there too and its out-of-memory error is
-recorded), and ``linear`` causal at S=16384 when ``attnax.kernels._linear.linear_attention`` is
+recorded), and ``linear`` causal at S=16384 when ``attnax.kernels.linear.linear_attention`` is
 importable.
 
 Timing: after two warm-up calls, each sample dispatches 10 calls back to back (1 for
@@ -100,7 +100,7 @@ def make_impl(name: str, causal: bool, window: int | None) -> tuple[Callable[...
             "bhtd",
         )
     if name == "linear":
-        from attnax.kernels._linear import linear_attention
+        from attnax.kernels.linear import linear_attention
 
         return lambda q, k, v: linear_attention(q, k, v, causal=causal), "bhtd"
     raise ValueError(f"unknown implementation {name!r}")

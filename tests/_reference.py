@@ -11,7 +11,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["output_and_vjp", "random_qkv", "reference_attention", "relative_error"]
+from attnax._mods import (
+    alibi_mod,
+    causal_mod,
+    compose_score_mods,
+    document_mask_mod,
+    sliding_window_mod,
+    softcap_mod,
+)
+from attnax._typing import ScoreMod
+
+__all__ = [
+    "PAIR_SCORE_MODS",
+    "output_and_vjp",
+    "random_qkv",
+    "reference_attention",
+    "relative_error",
+]
 
 
 def random_qkv(
@@ -93,3 +109,28 @@ def output_and_vjp(
 
     result: tuple[jax.Array, tuple[jax.Array, ...]] = jax.jit(run)(*args)
     return result
+
+
+def _doubled(
+    scores: jax.Array, b_idx: jax.Array, h_idx: jax.Array, q_idx: jax.Array, kv_idx: jax.Array, /
+) -> jax.Array:
+    return scores * 2.0
+
+
+def _causal_softcap() -> ScoreMod:
+    mod = compose_score_mods(causal_mod(), softcap_mod(5.0))
+    assert mod is not None
+    return mod
+
+
+# Score mods that need per-pair scores (value mods, mask mods other than causal, and causal
+# combined with either), for the kernels without them (LINEAR, LITE), which must refuse them.
+# Built on call: some hold arrays. Documents are sized for seq 8.
+PAIR_SCORE_MODS: dict[str, Callable[[], ScoreMod]] = {
+    "softcap": lambda: softcap_mod(5.0),
+    "alibi": lambda: alibi_mod(2),
+    "document": lambda: document_mask_mod(jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)),
+    "window": lambda: sliding_window_mod(4),
+    "causal_softcap": _causal_softcap,
+    "plain_callable": lambda: _doubled,
+}

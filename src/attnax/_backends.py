@@ -23,7 +23,7 @@ from ._typing import AttentionFn, AttentionMask, ScoreMod
 from .kernels._common import cuda_compute_capability
 from .kernels._fallback import FallbackKernel, register_fallback
 from .kernels._flash import flash_attention, flash_attention_bthd
-from .kernels._linear import linear_attention
+from .kernels.linear import linear_attention
 from .kernels._lite import lite_attention
 from .kernels._memory_efficient import memory_efficient_attention
 from .kernels._pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention

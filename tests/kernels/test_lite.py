@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnax._backends import softmax_backend_names
 from attnax._mods import causal_mod
 from attnax.kernels._lite import lite_attention
-from tests._reference import random_qkv, relative_error
+from tests._reference import PAIR_SCORE_MODS, random_qkv, relative_error
 
 
 def _allowed(batch: int, seq_q: int, seq_kv: int, *, causal: bool, key_mask: Any) -> np.ndarray:
@@ -182,10 +183,25 @@ def test_under_jit() -> None:
     assert relative_error(out, lite_reference(q, k, v, causal=True)) < 1e-5
 
 
-def test_score_mod_raises() -> None:
+@pytest.mark.parametrize("mod", sorted(PAIR_SCORE_MODS))
+def test_score_mod_raises(mod: str) -> None:
+    """A mod other than causal masking is refused, naming the backends that apply it.
+
+    (Before issue 19 item 5 the causal mod was refused too; it is now applied, below.)
+    """
     q, k, v = random_qkv(9, num_heads=2, seq_q=8, head_dim=4)
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        lite_attention(q, k, v, score_mod=causal_mod())
+    with pytest.raises(NotImplementedError, match="score_mod") as error:
+        lite_attention(q, k, v, score_mod=PAIR_SCORE_MODS[mod]())
+    for backend in softmax_backend_names():
+        assert repr(backend) in str(error.value)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_mod_is_applied(causal: bool) -> None:
+    """causal_mod() is the causal form, whatever ``causal`` says."""
+    q, k, v = random_qkv(9, num_heads=2, num_kv_heads=1, seq_q=8, head_dim=4)
+    out = lite_attention(q, k, v, causal=causal, score_mod=causal_mod())
+    assert relative_error(out, lite_reference(q, k, v, causal=True)) < 1e-5
 
 
 def test_active_dropout_raises() -> None:

@@ -19,8 +19,6 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from attnax import _mods as mods
-from attnax.kernels._decode import decode_attention
-from attnax.kernels._linear import linear_attention
 from attnax.kernels._memory_efficient import memory_efficient_attention
 from attnax.kernels._pallas_flash import (
     FlashConfig,
@@ -28,6 +26,8 @@ from attnax.kernels._pallas_flash import (
     pallas_flash_attention,
     stepped_config,
 )
+from attnax.kernels.decode import decode_attention
+from attnax.kernels.linear import linear_attention
 from tests._reference import random_qkv, relative_error
 
 BATCH = PartitionSpec("data")  # type: ignore[no-untyped-call]

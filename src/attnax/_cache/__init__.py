@@ -28,7 +28,7 @@ and :func:`gather_kv`; :mod:`.allocator` the eager :func:`allocate_blocks`,
 :func:`paged_attention` / :func:`paged_attention_batched`; :mod:`.attend`, for the layer,
 :func:`cache_positions` and :func:`attend_with_cache`; :mod:`.checks` the validation they
 share. The decode kernels themselves (plain arrays in, no cache types) live in
-:mod:`attnax.kernels._decode` and :mod:`attnax.kernels._paged`.
+:mod:`attnax.kernels.decode` (contiguous and paged).
 """
 
 from .allocator import BlockAllocator as BlockAllocator

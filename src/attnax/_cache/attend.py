@@ -23,7 +23,7 @@ from .._mods import (
     shift_positions,
 )
 from .._typing import AttentionFn, AttentionOutput, QueryArray, ScoreIndex, ScoreMod, Scores
-from ..kernels._decode import decode_attention
+from ..kernels.decode import decode_attention
 from ..kernels._standard import standard_attention
 from .contiguous import KVLayerCache, ring_positions, update_kv_layer_cache
 from .paged import PagedKVCache, append_kv_batched, gather_kv
@@ -140,7 +140,7 @@ def attend_with_cache(
 
     Backends:
 
-    * :class:`KVLayerCache`: :func:`attnax.kernels._decode.decode_attention` (Pallas
+    * :class:`KVLayerCache`: :func:`attnax.kernels.decode.decode_attention` (Pallas
       split-KV on GPU, chunked XLA elsewhere; any ``T``). A ring buffer (``ring_buffer=True``)
       attends in XLA over its ``capacity`` slots plus the new tokens *before* writing them, so
       a prefill longer than the window still sees every key in its window; it needs

@@ -1,7 +1,7 @@
 """Attention over a :class:`PagedKVCache` through its block table, for one row or the batch.
 
 Both functions unpack the cache and call the array-level kernel
-:func:`attnax.kernels._paged.paged_decode_attention`.
+:func:`attnax.kernels.decode.paged_decode_attention`.
 """
 
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._typing import AttentionOutput, QueryArray, ScoreMod
-from ..kernels._paged import paged_decode_attention
+from ..kernels.decode import paged_decode_attention
 from .checks import check_sequence_idx
 from .paged import PagedKVCache
 

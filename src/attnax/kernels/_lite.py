@@ -30,9 +30,19 @@ from .._typing import (
     ValueArray,
 )
 from ._common import accumulation_dtype, check_qkv
-from ._linear import check_causal_lengths, key_padding_mask, refuse_weight_dropout
+from .linear.checks import (
+    causal_from_score_mod,
+    check_causal_lengths,
+    key_padding_mask,
+    refuse_weight_dropout,
+)
 
 __all__ = ["lite_attention"]
+
+_NO_SCORES = (
+    "it has no (seq_q, seq_kv) dot-product scores for a score mod to rewrite (its weights are a "
+    "per-channel softmax of the keys)."
+)
 
 # (running max, weighted value sum, weight sum) over a span of positions.
 _Partial = tuple[Float[Array, "*span"], Float[Array, "*span"], Float[Array, "*span"]]
@@ -154,7 +164,8 @@ def lite_attention(
       value: like ``key``.
       mask: a key-padding mask only, boolean and broadcastable to (batch, 1, 1, seq_kv);
         True means attend.
-      score_mod: unsupported (NotImplementedError); must be None.
+      score_mod: only causal masking (``causal_mod()``, the same as ``causal=True``); any
+        other mod is NotImplementedError (a softmax backend applies it).
       dropout_rng: unused (dropout is unsupported).
       dropout_rate: must be 0 unless ``deterministic``.
       deterministic: dropout is off when True.
@@ -167,8 +178,8 @@ def lite_attention(
 
     Raises:
       ValueError: for shapes that do not fit, a bad mask or bad dropout arguments.
-      NotImplementedError: for a ``score_mod``, active dropout, a mask that is not a
-        key-padding mask, or causal attention with seq_q != seq_kv.
+      NotImplementedError: for a ``score_mod`` other than causal masking, active dropout, a
+        mask that is not a key-padding mask, or causal attention with seq_q != seq_kv.
 
     Example:
       >>> import jax, jax.numpy as jnp, attnax
@@ -185,13 +196,7 @@ def lite_attention(
     check_qkv(query, key, value, name=name)
     key_mask = key_padding_mask(mask, query, key, name=name)
     refuse_weight_dropout(dropout_rate, dropout_rng, deterministic, name=name)
-    if score_mod is not None:
-        raise NotImplementedError(
-            f"{name} does not support `score_mod`: it has no (seq_q, seq_kv) dot-product scores "
-            "for a score mod to rewrite (its weights are a per-channel softmax of the keys). "
-            "Use causal=True for causal masking and `mask` for key padding, or a softmax "
-            "kernel (standard_attention, memory_efficient_attention) for score mods."
-        )
+    causal = causal_from_score_mod(score_mod, why=_NO_SCORES, name=name) or causal
     if gate is not None and gate.shape != query.shape:
         raise ValueError(
             f"{name}: `gate` of shape {gate.shape} must have the query's shape {query.shape}."

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from attnax import _mods
-from attnax.kernels._decode import decode_attention
+from attnax.kernels.decode import decode_attention
 from tests._reference import reference_attention, relative_error
 
 

@@ -17,7 +17,7 @@ So the backward has the forward's shape: ``grad_states`` writes each chunk's :ma
 terms, one XLA matmul forms the exclusive suffix sums, and two kernels (``grad_query``;
 ``grad_key_value``) finish each chunk with its (C, C) intra-chunk weights on chip. Every kernel
 works per (batch, query head, chunk), one chunk per program by default (``CHUNKS_PER_PROGRAM``
-of :mod:`._linear_pallas`; two per program measured no faster); key and value gradients of
+of :mod:`.pallas`; two per program measured no faster); key and value gradients of
 grouped heads are per query head and summed over the group afterwards. Rounding
 follows the forward: half-precision operands into every matmul, float32 accumulation, float32
 feature maps and sums.
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from ._common import kernel_outputs
-from ._linear_pallas import (
+from .._common import kernel_outputs
+from .pallas import (
     ForwardResiduals,
     causal_in_chunk,
     chunk_dot,

@@ -1,13 +1,13 @@
 """Fused Pallas kernels for causal chunkwise linear attention: the forward.
 
-The XLA formulation in :mod:`attnax.kernels._linear` runs five memory-bound stages whose
+The XLA formulation in :mod:`attnax.kernels.linear.xla` runs five memory-bound stages whose
 intermediates (feature maps, per-chunk (D, D) states, intra-chunk weights, float32 numerators)
 are each as large as the inputs. Two kernels keep all of that on chip:
 
 * ``chunk_states``: for each (batch, kv head, chunk), reads the chunk's keys and values once
   and writes ``phi(K_c)^T V_c`` (D × D, rounded to the input dtype, float32 accumulation) and
   ``sum_t phi(k_t)`` (float32);
-* the prefix sum over chunks stays one XLA matmul (``_linear._exclusive_prefix_sum``);
+* the prefix sum over chunks stays one XLA matmul (``xla.exclusive_prefix_sum``);
 * ``chunk_outputs``: for each (batch, query head, chunk), reads the chunk's queries, keys,
   values and its prefix state, and writes the finished output
   ``(mask(phi(Q_c) phi(K_c)^T) V_c + phi(Q_c) S_c) / (rowsum(...) + phi(Q_c) z_c)`` and its
@@ -19,7 +19,7 @@ how loads overlap.
 
 Rounding matches the XLA path (bf16 feature maps, states and weights entering matmuls,
 float32 accumulation), so both paths agree to bf16 precision. The backward
-(:mod:`._linear_pallas_vjp`) has the same two-pass shape and uses the denominator and prefix
+(:mod:`.pallas_vjp`) has the same two-pass shape and uses the denominator and prefix
 states this forward saves.
 """
 
@@ -31,13 +31,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
-from ._common import kernel_outputs
-from ._decode import _gpu_compiler_params, _is_power_of_two
+from .._common import kernel_outputs
+from .._gpu import is_power_of_two, triton_compiler_params
 
 __all__ = [
+    "CHUNKS_PER_PROGRAM",
+    "NUM_STAGES",
+    "NUM_WARPS",
     "ForwardResiduals",
     "causal_in_chunk",
     "chunk_dot",
+    "chunk_outputs",
+    "chunk_states",
     "chunks_per_program",
     "compiler_params",
     "feature_map",
@@ -54,9 +59,9 @@ def fused_unsupported_reason(*, dtype: Any, head_dim: int, chunk: int) -> str | 
     """Why the fused kernels cannot run this configuration (None when they can)."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"inputs are {jnp.dtype(dtype).name}, the fused kernels take bf16/fp16"
-    if not _is_power_of_two(head_dim) or not 16 <= head_dim <= _MAX_TILE:
+    if not is_power_of_two(head_dim) or not 16 <= head_dim <= _MAX_TILE:
         return f"head_dim {head_dim} is not a power of two in [16, {_MAX_TILE}]"
-    if not _is_power_of_two(chunk) or not 16 <= chunk <= _MAX_TILE:
+    if not is_power_of_two(chunk) or not 16 <= chunk <= _MAX_TILE:
         return f"chunk_size {chunk} is not a power of two in [16, {_MAX_TILE}]"
     return None
 
@@ -183,7 +188,7 @@ CHUNKS_PER_PROGRAM = {
 
 
 def compiler_params(kernel: str, interpret: bool) -> Any:
-    return _gpu_compiler_params(NUM_WARPS[kernel], NUM_STAGES[kernel], interpret)
+    return triton_compiler_params(NUM_WARPS[kernel], NUM_STAGES[kernel], interpret=interpret)
 
 
 def chunks_per_program(kernel: str, num_chunks: int) -> int:
@@ -192,9 +197,10 @@ def chunks_per_program(kernel: str, num_chunks: int) -> int:
     return max(g for g in range(1, min(wanted, num_chunks) + 1) if num_chunks % g == 0)
 
 
-def _chunk_states(
+def chunk_states(
     key: Float[Array, "B Hk S D"], value: Float[Array, "B Hk S D"], *, chunk: int, interpret: bool
 ) -> tuple[Float[Array, "B Hk N D D"], Float[Array, "B Hk N D"]]:
+    """Each chunk's ``phi(K_c)^T V_c`` (input dtype) and ``sum_t phi(k_t)`` (float32)."""
     batch, num_kv_heads, seq, head_dim = key.shape
     num_chunks = seq // chunk
     per_program = chunks_per_program("states", num_chunks)
@@ -221,7 +227,7 @@ def _chunk_states(
     return states, norms
 
 
-def _chunk_outputs(
+def chunk_outputs(
     query: Float[Array, "B H T D"],
     key: Float[Array, "B Hk S D"],
     value: Float[Array, "B Hk S D"],
@@ -232,6 +238,7 @@ def _chunk_outputs(
     scale: float,
     interpret: bool,
 ) -> tuple[Float[Array, "B H T D"], Float[Array, "B H T"]]:
+    """Each chunk's finished output and its denominator, from the chunk's prefix state."""
     batch, num_heads, seq, head_dim = query.shape
     group = num_heads // key.shape[1]
     num_chunks = seq // chunk
@@ -286,11 +293,11 @@ def fused_causal_forward(
     interpret: bool,
 ) -> tuple[Float[Array, "B H T D"], ForwardResiduals]:
     """Causal chunkwise linear attention, T a multiple of ``chunk``, no key mask."""
-    states, norms = _chunk_states(key, value, chunk=chunk, interpret=interpret)
+    states, norms = chunk_states(key, value, chunk=chunk, interpret=interpret)
     # The prefix states leave their matmul in the input dtype (float32 accumulation inside).
     prefix_states = exclusive_prefix_sum(states, out_dtype=value.dtype)
     prefix_norms = exclusive_prefix_sum(norms)
-    out, denominator = _chunk_outputs(
+    out, denominator = chunk_outputs(
         query,
         key,
         value,

@@ -8,11 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attnax._backends import softmax_backend_names
 from attnax._mods import causal_mod
-from attnax.kernels import _linear as _linear_module
-from attnax.kernels import _linear_pallas
-from attnax.kernels._linear import _fused_chunk, linear_attention
-from tests._reference import random_qkv, relative_error
+from attnax.kernels.linear import fused as fused_module
+from attnax.kernels.linear import linear_attention
+from attnax.kernels.linear import pallas as pallas_module
+from attnax.kernels.linear.checks import SOFTMAX_BACKEND_NAMES
+from attnax.kernels.linear.fused import fused_chunk
+from tests._reference import PAIR_SCORE_MODS, random_qkv, relative_error
 
 
 def _phi_np(x: np.ndarray) -> np.ndarray:
@@ -196,10 +199,31 @@ def test_bad_chunk_size_raises(chunk_size: int) -> None:
         linear_attention(q, k, v, chunk_size=chunk_size)
 
 
-def test_score_mod_raises() -> None:
+@pytest.mark.parametrize("mod", sorted(PAIR_SCORE_MODS))
+def test_score_mod_raises(mod: str) -> None:
+    """A mod other than causal masking is refused, naming the backends that apply it.
+
+    (Before issue 19 item 5 the causal mod was refused too; it is now applied, below.)
+    """
     q, k, v = random_qkv(12, num_heads=2, seq_q=8, head_dim=4)
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        linear_attention(q, k, v, score_mod=causal_mod())
+    with pytest.raises(NotImplementedError, match="score_mod") as error:
+        linear_attention(q, k, v, score_mod=PAIR_SCORE_MODS[mod]())
+    for backend in softmax_backend_names():
+        assert repr(backend) in str(error.value)
+    assert "standard_attention" in str(error.value)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_mod_is_applied(causal: bool) -> None:
+    """causal_mod() is the causal form, whatever ``causal`` says."""
+    q, k, v = random_qkv(12, num_heads=2, num_kv_heads=1, seq_q=8, head_dim=4)
+    out = linear_attention(q, k, v, causal=causal, chunk_size=4, score_mod=causal_mod())
+    assert relative_error(out, linear_reference(q, k, v, causal=True)) < 1e-5
+
+
+def test_softmax_backend_names_match_the_table() -> None:
+    """The kernels' constant (kernels never import the table) is the table's list."""
+    assert SOFTMAX_BACKEND_NAMES == softmax_backend_names()
 
 
 def test_active_dropout_raises() -> None:
@@ -307,7 +331,7 @@ def test_fused_kernels_bf16_interpreted() -> None:
 
 def test_fused_kernels_raise_short_chunks_to_128_interpreted() -> None:
     """chunk_size=16 over 256 positions runs the kernels with 128-position chunks, same result."""
-    assert [_fused_chunk(c, t) for c, t in [(64, 16384), (16, 256), (16, 192), (256, 512)]] == [
+    assert [fused_chunk(c, t) for c, t in [(64, 16384), (16, 256), (16, 192), (256, 512)]] == [
         128,
         128,
         16,
@@ -343,8 +367,8 @@ def test_fused_several_chunks_per_program_interpreted(
 ) -> None:
     """Every kernel looping over several chunks per program (3 rounds down to 2 of 4)."""
     q, k, v = random_qkv(25, num_heads=4, num_kv_heads=2, seq_q=64, head_dim=16)
-    for kernel in _linear_pallas.CHUNKS_PER_PROGRAM:
-        monkeypatch.setitem(_linear_pallas.CHUNKS_PER_PROGRAM, kernel, per_program)
+    for kernel in pallas_module.CHUNKS_PER_PROGRAM:
+        monkeypatch.setitem(pallas_module.CHUNKS_PER_PROGRAM, kernel, per_program)
 
     def fused(*a: jax.Array) -> jax.Array:
         return linear_attention(*a, chunk_size=16, use_pallas=True, interpret=True)
@@ -376,7 +400,7 @@ def test_fused_kernels_on_gpu(
     monkeypatch: pytest.MonkeyPatch, num_kv_heads: int, head_dim: int, chunk_size: int
 ) -> None:
     """Compiled Triton kernels (bf16) against the XLA formulation, values and gradients."""
-    monkeypatch.setattr(_linear_module, "FUSED_MIN_CHUNK", 0)  # run the chunk asked for
+    monkeypatch.setattr(fused_module, "FUSED_MIN_CHUNK", 0)  # run the chunk asked for
     q, k, v = random_qkv(
         24,
         num_heads=8,
