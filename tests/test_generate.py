@@ -220,6 +220,17 @@ def test_ragged_end_tokens() -> None:
     ]
     assert int(result.steps) == 5 and result.cache.tolist() == [5, 5, 5]
     assert result.ended.tolist() == [True] * BATCH
+    fixed = attnax.generate(
+        lambda t, c: (jax.nn.one_hot(short[jnp.arange(BATCH), jnp.minimum(c, 6)], VOCAB), c + 1),
+        jnp.zeros((BATCH,), jnp.int32),
+        prompt[:, -1:],
+        num_steps=STEPS,
+        end_token=end,
+        pad_token=pad,
+        stop_early=False,  # a loop of known trip count: every step runs
+    )
+    assert fixed.tokens.tolist() == result.tokens.tolist()
+    assert int(fixed.steps) == STEPS and fixed.cache.tolist() == [STEPS] * BATCH
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "paged"])

@@ -364,6 +364,7 @@ def generate(
     sample: SampleFn | None = None,
     end_token: int | None = None,
     pad_token: int | None = None,
+    stop_early: bool | None = None,
 ) -> GenerateResult[CacheT]:
     """Decode ``num_steps`` tokens per row in one ``lax.while_loop`` (traceable; jit it once).
 
@@ -373,11 +374,12 @@ def generate(
     fed as ``prefill(prompt[:, :-1])`` then ``generate(prompt[:, -1:])``.
 
     Ragged batches: a row that samples ``end_token`` (or whose cache overflows) is done; the
-    loop ends once every row is, else after ``num_steps``. Done rows still run through the
-    model (the batch is one program), fed ``pad_token``; their outputs are replaced by
-    ``pad_token`` and the lengths of their :class:`KVLayerCache` / :class:`PagedKVCache` leaves
-    are held, so the junk write is never counted and a done row cannot overflow. Caches of
-    other kinds in the pytree advance every step.
+    loop ends once every row is (``stop_early``), else after ``num_steps``. Done rows still
+    run through the model (the batch is one program), fed their end token, then the pad;
+    their outputs are replaced by ``pad_token`` and the lengths of their
+    :class:`KVLayerCache` / :class:`PagedKVCache` leaves are held, so the junk write is never
+    counted and a done row cannot overflow. Caches of other kinds in the pytree advance every
+    step.
 
     Overflow is never lost: size each cache for ``prompt + num_steps`` tokens (paged: allocate
     the blocks first); a jitted write that does not fit sets the cache's flag, the row stops,
@@ -400,7 +402,10 @@ def generate(
       sample: ``(logits (B, V), key) -> (B,) int``, e.g. ``functools.partial(sample_logits,
         temperature=0.7, top_p=0.9)``; greedy ``argmax`` when None.
       end_token: the token that ends a row; None: rows end only by overflow.
-      pad_token: emitted (and fed) after a row is done; default ``end_token``, else 0.
+      pad_token: emitted after a row is done; default ``end_token``, else 0.
+      stop_early: end the loop once every row is done (a ``while_loop`` whose condition, on a
+        GPU, goes to the host every step); False runs exactly ``num_steps`` steps with a trip
+        count XLA knows. Default: True when ``end_token`` is given.
 
     Returns:
       A :class:`GenerateResult`: tokens, final cache, lengths, ended and overflowed flags.
@@ -471,7 +476,12 @@ def generate(
         jnp.zeros((batch,), jnp.int32),
         jnp.zeros((batch,), bool),
     )
-    step, _, caches, _, out, lengths, ended = jax.lax.while_loop(running, body, initial)
+    early = end_token is not None if stop_early is None else stop_early
+    if early:
+        final = jax.lax.while_loop(running, body, initial)
+    else:  # static bounds: fori_loop lowers to a scan, a loop of known trip count
+        final = jax.lax.fori_loop(0, steps, lambda _, state: body(state), initial)
+    step, _, caches, _, out, lengths, ended = final
     return GenerateResult(
         tokens=out,
         cache=caches,
