@@ -53,7 +53,8 @@ class TinyModel(nnx.Module):
 
 
 def _model(kind: str) -> tuple[Any, Any]:
-    graphdef, params = nnx.split(TinyModel(window=WINDOW if kind == "ring" else None, rngs=nnx.Rngs(0)))
+    model = TinyModel(window=WINDOW if kind == "ring" else None, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
     return graphdef, params
 
 
@@ -102,7 +103,8 @@ def _reference(
     rng: jax.Array,
     end_token: int | None = None,
 ) -> tuple[np.ndarray, Any]:
-    """Prefill in one call, then one jitted step per token from Python (the semantics spelled out)."""
+    """Prefill in one call, then one jitted step per token from Python (the semantics, spelled
+    out)."""
     step = jax.jit(_forward(graphdef))
     _, caches = step(params, prompt[:, :-1], caches)
     token = prompt[:, -1:]

@@ -22,7 +22,6 @@ from ._generate import GenerateResult as GenerateResult
 from ._generate import any_overflow as any_overflow
 from ._generate import generate as generate
 from ._generate import prefill as prefill
-from ._generate import sample_logits as sample_logits
 from ._interop import as_flax_attention_fn as as_flax_attention_fn
 from ._layer import MultiHeadAttention as MultiHeadAttention
 from ._mods import additive_bias_mod as additive_bias_mod
@@ -43,6 +42,7 @@ from ._mods import shift_positions as shift_positions
 from ._mods import sliding_window_mod as sliding_window_mod
 from ._mods import softcap_mod as softcap_mod
 from ._mods import split_score_mod as split_score_mod
+from ._sampling import sample_logits as sample_logits
 from ._spec import AttentionSpec as AttentionSpec
 from ._spec import AttentionType as AttentionType
 from ._typing import AttentionFn as AttentionFn
