@@ -4,7 +4,7 @@ import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_type
 
 import jax
 import jax.numpy as jnp
@@ -316,6 +316,20 @@ def test_bad_arguments_are_named() -> None:
         attnax.prefill(step, caches, jnp.zeros((BATCH, 4), jnp.int32), chunk_size=2)
     with pytest.raises(ValueError, match="holds no KVLayerCache"):
         attnax.any_overflow([jnp.zeros(3)])
+
+
+def test_result_type_follows_the_cache() -> None:
+    caches: list[attnax.KVLayerCache] = [attnax.init_kv_layer_cache(BATCH, 1, 4, 4)]
+
+    def step(
+        tokens: jax.Array, caches: list[attnax.KVLayerCache]
+    ) -> tuple[jax.Array, list[attnax.KVLayerCache]]:
+        return jnp.zeros((BATCH, VOCAB)), caches
+
+    result = attnax.generate(step, caches, jnp.zeros((BATCH, 1), jnp.int32), num_steps=1)
+    assert_type(result, attnax.GenerateResult[list[attnax.KVLayerCache]])  # mypy checks this
+    assert_type(result.cache, list[attnax.KVLayerCache])
+    assert result.tokens.shape == (BATCH, 1)
 
 
 def test_readme_generation_snippet_runs() -> None:
