@@ -1,8 +1,9 @@
 """Generation in one compiled loop: :func:`prefill` and :func:`generate`.
 
 A decode loop of Python calls to a jitted step pays the host's dispatch on every token and
-hands the cache back and forth; here the whole loop is one ``lax.while_loop`` (a scan that may
-stop early once every row has ended), so the caller jits it once and donates the cache::
+hands the cache back and forth; here the whole loop is one ``lax.while_loop`` that stops once
+every row has ended (or, with ``stop_early=False``, a loop of ``num_steps`` iterations that
+XLA knows), so the caller jits it once and donates the cache::
 
     @functools.partial(jax.jit, donate_argnums=1)  # the cache's buffers are updated in place
     def run(params, cache, prompt):
