@@ -14,6 +14,12 @@ one-token step (caches donated) and of a ``lax.scan`` over 64 steps, for attnax
 (same GQA, no RoPE: flax has none) driven by ``nnx.jit`` and by a pure ``jax.jit`` of its
 split state.
 
+Part 3, generation from tokens (issue 21): the part-2 stack with a tied ``--vocab`` embedding
+and greedy argmax feeding each row its own next token, 64 tokens per call: ``attnax.generate``
+(one jitted ``lax.while_loop``, caches donated; contiguous and paged caches) against flax's
+``nnx.MultiHeadAttention(decode=True)`` stack in a ``lax.scan`` running the same loop, and a
+Python loop of one jitted attnax step (caches donated).
+
 Every configuration runs in its own try/except that records the error; the table is printed
 last and ``$OUT/decode.json`` (env ``OUT``, default ``benchmarks/results``) holds every number
 with the device name. ``--smoke`` runs tiny sizes on CPU (a manual check, not in the suite).
@@ -451,6 +457,228 @@ def end_to_end_benchmarks(args: argparse.Namespace) -> None:
     record(f"flax nnx MHA lax.scan x{scan_steps}", "e2e/flax", run_flax_scan)
 
 
+# --------------------------------------------------------------------------- generate
+
+
+def generate_benchmarks(args: argparse.Namespace) -> None:
+    """Whole greedy decode loops from tokens: ``attnax.generate`` against the same loop elsewhere.
+
+    The part-2 stack gains a tied embedding of ``--vocab`` tokens (logits = x @ embed.T) and
+    greedy argmax, so every row feeds back its own token. Rows: ``attnax.generate`` (one jitted
+    ``lax.while_loop``, caches donated; contiguous and paged caches), flax's
+    ``nnx.MultiHeadAttention(decode=True)`` stack in a ``lax.scan`` doing the same, and a Python
+    loop of one jitted attnax step (caches donated). Tokens/s = batch * tokens / time.
+    """
+    import functools
+
+    from flax import nnx
+
+    import attnax
+
+    batch, d_model, num_heads, num_kv_heads, layers = (
+        args.e2e_batch,
+        args.d_model,
+        args.e2e_heads,
+        args.e2e_kv_heads,
+        args.layers,
+    )
+    head_dim = d_model // num_heads
+    max_len, steps, vocab = args.e2e_cache_len, args.scan_steps, args.vocab
+    start_length = max_len - (args.iters + 2) * 2 - steps * 2 - 8
+    dtype = jnp.bfloat16
+    embed = jax.random.normal(jax.random.key(30), (vocab, d_model), dtype) * 0.02
+    first = jax.random.randint(jax.random.key(31), (batch, 1), 0, vocab)
+    iters = args.iters
+
+    def tokens_result(seconds: float, tokens: int) -> dict[str, Any]:
+        return {"ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "vocab": vocab}
+
+    graphdef, params = nnx.split(
+        [
+            attnax.MultiHeadAttention(
+                nnx.Rngs(i),
+                num_heads=num_heads,
+                in_features=d_model,
+                num_kv_heads=num_kv_heads,
+                use_rope=True,
+                rope_max_positions=2 * max_len,
+                dtype="bfloat16",
+                param_dtype="bfloat16",
+            )
+            for i in range(layers)
+        ]
+    )
+
+    def contiguous_caches() -> list[Any]:
+        caches = []
+        for i in range(layers):
+            cache = attnax.init_kv_layer_cache(batch, num_kv_heads, head_dim, max_len, dtype)
+            k1, k2 = jax.random.split(jax.random.key(40 + i))
+            caches.append(
+                dataclasses.replace(
+                    cache,
+                    keys=jax.random.normal(k1, cache.keys.shape, dtype),
+                    values=jax.random.normal(k2, cache.values.shape, dtype),
+                    length=jnp.full((batch,), start_length, jnp.int32),
+                )
+            )
+        return caches
+
+    def paged_caches() -> list[Any]:
+        block_size = args.block_size
+        per_seq = max_len // block_size
+        caches = []
+        for i in range(layers):
+            cache = attnax.init_paged_kv_cache(
+                num_blocks=batch * per_seq,
+                block_size=block_size,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                batch_size=batch,
+                max_blocks_per_seq=per_seq,
+                dtype=dtype,
+            )
+            k1, k2, k3 = jax.random.split(jax.random.key(50 + i), 3)
+            table = jax.random.permutation(k3, batch * per_seq).reshape(batch, per_seq)
+            caches.append(
+                dataclasses.replace(
+                    cache,
+                    key_pool=jax.random.normal(k1, cache.key_pool.shape, dtype),
+                    value_pool=jax.random.normal(k2, cache.value_pool.shape, dtype),
+                    block_table=table.astype(jnp.int32),
+                    seq_lengths=jnp.full((batch,), start_length, jnp.int32),
+                )
+            )
+        return caches
+
+    def rewind(caches: list[Any]) -> list[Any]:
+        # Lengths only (contents do not matter), so repeated timing never overflows. One array
+        # per cache: a buffer shared by two donated leaves cannot be donated.
+        def length() -> Any:
+            return jnp.full((batch,), start_length, jnp.int32)
+
+        return [
+            dataclasses.replace(c, length=length())
+            if isinstance(c, attnax.KVLayerCache)
+            else dataclasses.replace(c, seq_lengths=length())
+            for c in caches
+        ]
+
+    def forward(params: Any, embed: Any, tokens: Any, caches: Any) -> tuple[Any, Any]:
+        x = embed[tokens]
+        new_caches = []
+        for layer, cache in zip(nnx.merge(graphdef, params), caches, strict=True):
+            y, cache = layer(x, kv_cache=cache)
+            x = x + y
+            new_caches.append(cache)
+        return x[:, -1] @ embed.T, new_caches
+
+    def run_generate(make_caches: Callable[[], list[Any]]) -> dict[str, Any]:
+        def loop(params: Any, caches: Any, embed: Any, tokens: Any) -> Any:
+            step = functools.partial(forward, params, embed)
+            result = attnax.generate(step, caches, tokens, num_steps=steps)
+            return result.tokens, result.cache, result.overflowed
+
+        run = jax.jit(loop, donate_argnums=(1,))
+        state: dict[str, Any] = {"caches": make_caches(), "overflowed": None}
+
+        def call() -> Any:
+            out, caches, overflowed = run(params, state["caches"], embed, first)
+            state["caches"] = rewind(caches)
+            state["overflowed"] = overflowed
+            return out
+
+        seconds = median_seconds(call, max(3, iters // 6))
+        return {
+            **tokens_result(seconds, batch * steps),
+            "overflow": bool(jnp.any(state["overflowed"])),
+        }
+
+    def run_python_loop() -> dict[str, Any]:
+        def one(params: Any, caches: Any, embed: Any, tokens: Any) -> Any:
+            logits, caches = forward(params, embed, tokens, caches)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None], caches
+
+        step = jax.jit(one, donate_argnums=(1,))
+        state: dict[str, Any] = {"caches": contiguous_caches(), "token": first, "count": 0}
+
+        def call() -> Any:
+            state["token"], state["caches"] = step(params, state["caches"], embed, state["token"])
+            state["count"] += 1
+            if state["count"] % steps == 0:
+                state["caches"] = rewind(state["caches"])
+            return state["token"]
+
+        seconds = median_seconds(call, iters)
+        return tokens_result(seconds, batch)
+
+    def run_flax_scan() -> dict[str, Any]:
+        model = [
+            nnx.MultiHeadAttention(
+                num_heads,
+                d_model,
+                num_kv_heads=num_kv_heads,
+                decode=True,
+                dtype=dtype,
+                param_dtype=dtype,
+                rngs=nnx.Rngs(i),
+            )
+            for i in range(layers)
+        ]
+        for i, layer in enumerate(model):
+            layer.init_cache((batch, max_len, d_model), dtype)
+            k1, k2 = jax.random.split(jax.random.key(60 + i))
+            layer.cached_key[...] = jax.random.normal(k1, layer.cached_key[...].shape, dtype)
+            layer.cached_value[...] = jax.random.normal(k2, layer.cached_value[...].shape, dtype)
+            layer.cache_index[...] = jnp.asarray(start_length, jnp.int32)
+        flax_graphdef, flax_state = nnx.split(model)
+
+        def loop(state: Any, embed: Any, tokens: Any) -> Any:
+            def body(carry: Any, _: Any) -> Any:
+                state, tokens = carry
+                m = nnx.merge(flax_graphdef, state)
+                x = embed[tokens]
+                for layer in m:
+                    x = x + layer(x)
+                token = jnp.argmax(x[:, -1] @ embed.T, axis=-1).astype(jnp.int32)[:, None]
+                return (nnx.state(m), token), token[:, 0]
+
+            (state, _), out = jax.lax.scan(body, (state, tokens), None, length=steps)
+            return out, state
+
+        run = jax.jit(loop, donate_argnums=(0,))
+        holder = {"state": flax_state}
+
+        def call() -> Any:
+            out, new_state = run(holder["state"], embed, first)
+            m = nnx.merge(flax_graphdef, new_state)
+            for layer in m:
+                layer.cache_index[...] = jnp.asarray(start_length, jnp.int32)
+            holder["state"] = nnx.state(m)
+            return out
+
+        seconds = median_seconds(call, max(3, iters // 6))
+        return tokens_result(seconds, batch * steps)
+
+    record(
+        f"attnax.generate {layers}-layer x{steps} (contiguous, one jitted loop)",
+        "generate/attnax",
+        lambda: run_generate(contiguous_caches),
+    )
+    record(
+        f"attnax.generate {layers}-layer x{steps} (paged block {args.block_size})",
+        "generate/attnax-paged",
+        lambda: run_generate(paged_caches),
+    )
+    record(
+        f"attnax {layers}-layer jitted step, Python loop (donated caches)",
+        "generate/attnax-python-loop",
+        run_python_loop,
+    )
+    record(f"flax nnx MHA {layers}-layer lax.scan x{steps} (same greedy loop)", "generate/flax",
+           run_flax_scan)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -490,6 +718,22 @@ def summary() -> dict[str, Any]:
     flax_scan = next((r for n, r in steps.items() if n.startswith("flax") and "scan" in n), None)
     if attnax_scan and flax_scan:
         out["e2e_scan_attnax_over_flax"] = attnax_scan["tokens_per_s"] / flax_scan["tokens_per_s"]
+    generated = {
+        group: _best(f"generate/{group}", "tokens_per_s")
+        for group in ("attnax", "attnax-paged", "attnax-python-loop", "flax")
+    }
+    if generated["attnax"]:
+        speed = generated["attnax"]["tokens_per_s"]
+        for group, key in (
+            ("flax", "generate_attnax_over_flax_scan"),
+            ("attnax-python-loop", "generate_attnax_over_python_loop"),
+        ):
+            if generated[group]:
+                out[key] = speed / generated[group]["tokens_per_s"]
+        if generated["attnax-paged"]:
+            out["generate_paged_over_contiguous"] = (
+                generated["attnax-paged"]["tokens_per_s"] / speed
+            )
     return out
 
 
@@ -523,6 +767,12 @@ def main() -> None:
         "--paged-sorted", action="store_true", help="paged rows over an identity table too"
     )
     parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument(
+        "--skip-generate", action="store_true", help="no attnax.generate / greedy-loop rows"
+    )
+    parser.add_argument(
+        "--vocab", type=int, default=None, help="vocabulary of the generate rows (8192; smoke 64)"
+    )
     args = parser.parse_args()
     if args.smoke:
         sizes = {
@@ -539,6 +789,8 @@ def main() -> None:
             "layers": 2,
             "e2e_cache_len": 96,
             "scan_steps": 4,
+            "vocab": 64,
+            "block_size": 16,
         }
     else:
         sizes = {
@@ -555,7 +807,11 @@ def main() -> None:
             "layers": 4,
             "e2e_cache_len": 4096,
             "scan_steps": 64,
+            "vocab": 8192,
+            "block_size": 64,
         }
+    if args.vocab is not None:
+        sizes["vocab"] = args.vocab
     for key, value in sizes.items():
         setattr(args, key, value)
     started = time.perf_counter()
@@ -563,6 +819,8 @@ def main() -> None:
         kernel_benchmarks(args)
     if not args.skip_e2e:
         end_to_end_benchmarks(args)
+    if not args.skip_generate:
+        generate_benchmarks(args)
     extra = summary()
     device = jax.devices()[0]
     payload = {

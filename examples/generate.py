@@ -1,13 +1,16 @@
-"""Generate text from the tiny LM of ``train_tiny_lm.py`` with attnax KV caches under jit.
+"""Generate text from the tiny LM of ``train_tiny_lm.py`` with attnax KV caches, in one program.
 
-The prompt is prefilled in one call; then each new byte is one jitted step over every layer's
-cache (the RoPE positions and the causal mask use each row's absolute cache length).
+The prompt (but its last byte) is prefilled in causal chunks (``attnax.prefill``); then
+``attnax.generate`` runs the whole decode loop as one ``lax.while_loop`` inside a single jitted
+call with the caches donated (RoPE positions and the causal mask use each row's absolute cache
+length), sampling with temperature / top-k / top-p through ``attnax.sample_logits``.
 
     python examples/train_tiny_lm.py --steps 300 --out /tmp/tiny_lm.pkl
     python examples/generate.py --model /tmp/tiny_lm.pkl --prompt "The " --tokens 80
 """
 
 import argparse
+import functools
 import pickle
 import sys
 from pathlib import Path
@@ -21,7 +24,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_lm import TinyLM  # noqa: E402
 
-from attnax._cache import init_kv_layer_cache  # noqa: E402
+import attnax  # noqa: E402
 
 
 def load(path: Path) -> TinyLM:
@@ -34,31 +37,46 @@ def load(path: Path) -> TinyLM:
     return model
 
 
-def generate(model: TinyLM, prompt: str, num_tokens: int, *, temperature: float, seed: int) -> str:
+def generate(
+    model: TinyLM,
+    prompt: str,
+    num_tokens: int,
+    *,
+    temperature: float,
+    seed: int,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> str:
     tokens = jnp.asarray(np.frombuffer(prompt.encode("utf-8"), np.uint8).astype(np.int32))[None]
-    first_block = model.blocks[0].attention
-    spec = first_block.spec
+    spec = model.blocks[0].attention.spec
     max_len = tokens.shape[1] + num_tokens
     caches = [
-        init_kv_layer_cache(1, spec.resolved_num_kv_heads, spec.head_dim, max_len, jnp.float32)
+        attnax.init_kv_layer_cache(1, spec.resolved_num_kv_heads, spec.head_dim, max_len)
         for _ in model.blocks
     ]
+    graphdef, params = nnx.split(model)
 
-    @nnx.jit
-    def step(model: TinyLM, tokens: jax.Array, caches: Any, key: jax.Array) -> Any:
-        logits, caches = model(tokens, kv_caches=caches)
-        last = logits[:, -1] / max(temperature, 1e-6)
-        next_token = jax.random.categorical(key, last) if temperature > 0 else jnp.argmax(last, -1)
-        return next_token[:, None].astype(jnp.int32), caches
+    def forward(params: Any, tokens: jax.Array, caches: Any) -> Any:
+        return nnx.merge(graphdef, params)(tokens, kv_caches=caches)
 
-    key = jax.random.key(seed)
-    out = []
-    current = tokens
-    for _ in range(num_tokens):
-        key, sub = jax.random.split(key)
-        current, caches = step(model, current, caches, sub)
-        out.append(int(current[0, 0]))
-    return prompt + bytes(out).decode("utf-8", errors="replace")
+    sample = functools.partial(
+        attnax.sample_logits, temperature=temperature, top_k=top_k, top_p=top_p
+    )
+
+    # One compiled program: prefill, then every new byte; the caches are updated in place.
+    @functools.partial(jax.jit, donate_argnums=1)
+    def run(params: Any, caches: Any, tokens: jax.Array, key: jax.Array) -> Any:
+        step = functools.partial(forward, params)
+        if tokens.shape[1] > 1:
+            _, caches = attnax.prefill(step, caches, tokens[:, :-1], chunk_size=64)
+        return attnax.generate(
+            step, caches, tokens[:, -1:], num_steps=num_tokens, rng=key, sample=sample
+        )
+
+    result = run(params, caches, tokens, jax.random.key(seed))
+    result.raise_if_overflowed()
+    out = np.asarray(result.tokens[0]).astype(np.uint8).tobytes()
+    return prompt + out.decode("utf-8", errors="replace")
 
 
 def main() -> None:
@@ -67,9 +85,12 @@ def main() -> None:
     p.add_argument("--prompt", default="The ")
     p.add_argument("--tokens", type=int, default=80)
     p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    print(generate(load(args.model), args.prompt, args.tokens, temperature=args.temperature, seed=args.seed))
+    print(generate(load(args.model), args.prompt, args.tokens, temperature=args.temperature,
+                   seed=args.seed, top_k=args.top_k, top_p=args.top_p))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ from ._cache import paged_attention_batched as paged_attention_batched
 from ._cache import update_kv_layer_cache as update_kv_layer_cache
 from ._checks import shape_checks as shape_checks
 from ._checks import shape_checks_enabled as shape_checks_enabled
+from ._generate import GenerateResult as GenerateResult
+from ._generate import any_overflow as any_overflow
+from ._generate import generate as generate
+from ._generate import prefill as prefill
 from ._interop import as_flax_attention_fn as as_flax_attention_fn
 from ._layer import MultiHeadAttention as MultiHeadAttention
 from ._mods import additive_bias_mod as additive_bias_mod
@@ -38,6 +42,7 @@ from ._mods import shift_positions as shift_positions
 from ._mods import sliding_window_mod as sliding_window_mod
 from ._mods import softcap_mod as softcap_mod
 from ._mods import split_score_mod as split_score_mod
+from ._sampling import sample_logits as sample_logits
 from ._spec import AttentionSpec as AttentionSpec
 from ._spec import AttentionType as AttentionType
 from ._typing import AttentionFn as AttentionFn
@@ -62,6 +67,7 @@ __all__ = [
     "AttentionSpec",
     "AttentionType",
     "BlockAllocator",
+    "GenerateResult",
     "KVLayerCache",
     "MaskMod",
     "MultiHeadAttention",
@@ -71,6 +77,7 @@ __all__ = [
     "alibi_mod",
     "alibi_slopes",
     "allocate_blocks",
+    "any_overflow",
     "append_kv",
     "append_kv_batched",
     "as_flax_attention_fn",
@@ -85,6 +92,7 @@ __all__ = [
     "free_sequence",
     "from_ring_layout",
     "gather_kv",
+    "generate",
     "init_kv_layer_cache",
     "init_paged_kv_cache",
     "linear_attention",
@@ -100,9 +108,11 @@ __all__ = [
     "paged_attention_batched",
     "paged_decode_attention",
     "pallas_flash_attention",
+    "prefill",
     "prefix_lm_mod",
     "ring_attention",
     "ring_attention_reference",
+    "sample_logits",
     "shape_checks",
     "shape_checks_enabled",
     "sharded_ring_attention",
