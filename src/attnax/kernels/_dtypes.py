@@ -18,19 +18,24 @@ from jaxtyping import Array
 
 from .._checks import check_float_inputs
 
-__all__ = ["promote_qkv"]
+__all__ = ["promote_floats", "promote_qkv"]
+
+
+def promote_floats(name: str, **arrays: Array) -> tuple[Array, ...]:
+    """Check the dtype rule and return ``arrays`` (in the order given) in their promoted dtype.
+
+    The promotion is ``jnp.result_type`` of all of them; an array that already has it is
+    returned unchanged (no copy is traced). The keyword names are the caller's argument names,
+    used in the error.
+    """
+    check_float_inputs(name, **arrays)
+    dtype = jnp.result_type(*arrays.values())
+    return tuple(x if x.dtype == dtype else x.astype(dtype) for x in arrays.values())
 
 
 def promote_qkv(
     query: Array, key: Array, value: Array, *, name: str
 ) -> tuple[Array, Array, Array]:
-    """Check the dtype rule and return query, key and value in their promoted dtype.
-
-    The promotion is ``jnp.result_type(query, key, value)``; inputs that already share it are
-    returned unchanged (no copy is traced).
-    """
-    check_float_inputs(name, query=query, key=key, value=value)
-    dtype = jnp.result_type(query, key, value)
-    return tuple(  # type: ignore[return-value]
-        x if x.dtype == dtype else x.astype(dtype) for x in (query, key, value)
-    )
+    """:func:`promote_floats` for the (query, key, value) of a softmax kernel."""
+    query, key, value = promote_floats(name, query=query, key=key, value=value)
+    return query, key, value

@@ -12,6 +12,7 @@ from jaxtyping import Array, Int
 from ..._checks import shape_checked
 from ..._typing import AttentionOutput, KeyArray, QueryArray, ScoreMod, ValueArray
 from .._common import default_scale
+from .._dtypes import promote_floats
 from .checks import check_contiguous_arguments, pallas_unsupported_reason, resolve_use_pallas
 from .pallas import pallas_contiguous
 from .plan import cache_tile, query_tile_rows
@@ -71,7 +72,8 @@ def decode_attention(
       scale: score scale, ``1 / sqrt(head_dim)`` by default.
 
     Returns:
-      (batch, heads, seq_q, head_dim) in the query's dtype; float32 softmax and accumulation.
+      (batch, heads, seq_q, head_dim) in the promoted dtype of query, keys and values (the
+      query's, when the cache shares it); float32 softmax and accumulation.
       A query with no allowed key (for example ``lengths == 0``) returns zeros.
 
     Raises:
@@ -92,6 +94,9 @@ def decode_attention(
       True
     """
     name = "decode_attention"
+    # The dtype rule and mixed-float promotion every kernel applies (a cache narrower than the
+    # query is upcast here, a copy per call: keep the cache in the query's dtype to avoid it).
+    query, keys, values = promote_floats(name, query=query, keys=keys, values=values)
     check_contiguous_arguments(
         query,
         keys,

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, Int
 from ..._checks import shape_checked
 from ..._typing import AttentionOutput, QueryArray, ScoreMod
 from .._common import default_scale
+from .._dtypes import promote_floats
 from .._gpu import is_power_of_two
 from .checks import check_paged_arguments, pallas_unsupported_reason, resolve_use_pallas
 from .pallas import run_split_kv, split_kv_body
@@ -253,8 +254,8 @@ def paged_decode_attention(
       scale: score scale, ``1 / sqrt(head_dim)`` by default.
 
     Returns:
-      (batch, heads, seq_q, head_dim) in the query's dtype; a query with no allowed key gives
-      zeros.
+      (batch, heads, seq_q, head_dim) in the promoted dtype of query and pools; a query with no
+      allowed key gives zeros.
 
     Raises:
       ValueError: for arguments that do not fit together.
@@ -275,6 +276,11 @@ def paged_decode_attention(
       ((1, 2, 1, 4), True)
     """
     name = "paged_decode_attention"
+    # The dtype rule and mixed-float promotion every kernel applies (pools narrower than the
+    # query are upcast here, a copy per call: keep the pools in the query's dtype to avoid it).
+    query, key_pool, value_pool = promote_floats(
+        name, query=query, key_pool=key_pool, value_pool=value_pool
+    )
     check_paged_arguments(
         query,
         key_pool,
