@@ -32,13 +32,13 @@ def test_fused_pair_plan_on_a_hopper(
 ) -> None:
     """The dispatch rule, with the GPU query answered as an H100 would."""
     from attnax._mods import sliding_window_mod
-    from attnax.kernels.ring import plan
+    from attnax.kernels.ring import plan as ring_plan
 
-    monkeypatch.setattr(plan, "cuda_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(ring_plan, "cuda_compute_capability", lambda: (9, 0))
     q, k, v = (x.astype(dtype) for x in random_qkv(5, num_heads=4, num_kv_heads=2, seq_q=16))
     score_mod = {"causal": causal_mod(), "window": sliding_window_mod(4), None: None}[mod]
     mask = jnp.ones((2, 1, 1, 16), bool) if masked else None
-    plan = plan.fused_pair_plan(q, k, v, mask=mask, score_mod=score_mod, layout=layout)
+    plan = ring_plan.fused_pair_plan(q, k, v, mask=mask, score_mod=score_mod, layout=layout)
     if isinstance(expected, tuple):
         assert plan == expected
     else:
@@ -58,13 +58,13 @@ def test_pallas_pair_plan(
     mod: str | None, layout: str, masked: bool, expected: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The dispatch rule, with the backend query answered as on a GPU."""
-    from attnax.kernels.ring import plan
+    from attnax.kernels.ring import plan as ring_plan
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q, k, _ = random_qkv(24, num_heads=4, num_kv_heads=2, seq_q=16)
     score_mod = {"causal": causal_mod(), "window": sliding_window_mod(4), None: None}[mod]
     mask = jnp.ones((2, 1, 1, 16), bool) if masked else None
-    plan = plan.pallas_pair_plan(q, k, mask=mask, score_mod=score_mod, layout=layout)
+    plan = ring_plan.pallas_pair_plan(q, k, mask=mask, score_mod=score_mod, layout=layout)
     if isinstance(expected, tuple):
         assert plan == expected
     else:
