@@ -89,7 +89,7 @@ kernels)
   (
     export CUDA_VISIBLE_DEVICES=0
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests --timeout 120 -rf 2>&1 | tail -30
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/linear/test_linear.py tests/kernels/test_ring_flash.py --timeout 120 -rf 2>&1 | tail -15
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/linear/test_linear.py tests/kernels/ring/test_cudnn.py --timeout 120 -rf 2>&1 | tail -15
     timeout 150 python3 benchmarks/linear_chunks.py
   ) >"$OUT/gpu0.log" 2>&1 &
   (
@@ -99,7 +99,7 @@ kernels)
   wait
   ;;
 round2)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/ring/test_cudnn.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   tail -5 "$OUT/ring_tests.log"
   timeout 330 python3 benchmarks/ring.py --budget 270 >"$OUT/ring.log" 2>&1
   (
@@ -141,7 +141,7 @@ round4)
   wait
   ;;
 round5)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/ring/test_cudnn.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   tail -3 "$OUT/ring_tests.log"
   timeout 150 python3 benchmarks/ring.py --no-tiles --lengths 65536,131072 --budget 120 >"$OUT/ring.log" 2>&1
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 200 python3 benchmarks/ring.py --memory \
@@ -163,7 +163,7 @@ round8)
     timeout 200 python3 benchmarks/decode.py --skip-e2e --paged-sorted
   ) >"$OUT/decode.log" 2>&1 &
   (
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf 2>&1 | tail -8
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/ring/test_cudnn.py --timeout 120 -rf 2>&1 | tail -8
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 280 python3 benchmarks/ring.py --memory \
       --lengths 1310720,1441792,1572864 --ring-lengths 2621440,2883584,3145728,3407872 --kv-pieces 1,2
   ) >"$OUT/ring.log" 2>&1 &
@@ -174,7 +174,7 @@ round11)
   # tests on both GPUs, compile-only memory around the fit limits, timings at 64k and 128k.
   # (Calls 2-3 of this session also ran a "kv_pieces" memory-lean variant, since removed, and
   # LINEAR's fused-chunk kernels, reverted; see NOTES.md.)
-  timeout 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  timeout 150 python3 -X faulthandler -m pytest -q -p no:cacheprovider -n 0 tests/kernels/ring/test_cudnn.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   tail -3 "$OUT/ring_tests.log"
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 150 python3 benchmarks/ring.py --memory \
     --lengths 1310720,1572864,1966080 --ring-lengths 2621440,2752512,2883584,3014656,3145728 >"$OUT/ring_memory.log" 2>&1
@@ -289,7 +289,7 @@ pftests)
 ringlean)
   # The PALLAS_FLASH-pair ring: its GPU tests (and PALLAS_FLASH's, whose backward was split),
   # compile-only memory of one GPU at T against the rings at 2T, then speed at 65536.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/test_ring_pallas.py tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/ring_pallas_tests.log" 2>&1
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/ring/test_pallas.py tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/ring_pallas_tests.log" 2>&1
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 220 python3 benchmarks/ring.py --memory --pairs default,pallas --lengths 1900544,1966080 --ring-lengths 3801088,3932160 >"$OUT/ring_memory.log" 2>&1
   timeout 200 python3 benchmarks/ring.py --lengths 65536 --pairs pallas --no-contiguous --no-tiles --budget 150 >"$OUT/ring_time.log" 2>&1
   ;;
@@ -308,7 +308,7 @@ ranges)
     timeout 170 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --no-peers --indexed-full --tag indexed --budget 140
   ) >"$OUT/gpu1.log" 2>&1 &
   wait
-  timeout 90 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/test_ring_pallas.py --timeout 80 -rf >"$OUT/ring_pallas_tests.log" 2>&1
+  timeout 90 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/ring/test_pallas.py --timeout 80 -rf >"$OUT/ring_pallas_tests.log" 2>&1
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 120 python3 benchmarks/ring.py --memory --pairs pallas --lengths 1966080 --ring-lengths 3801088,3932160,4194304 >"$OUT/ring_memory.log" 2>&1
   timeout 100 python3 benchmarks/ring.py --lengths 65536 --pairs pallas --no-contiguous --no-tiles --budget 70 >"$OUT/ring_time.log" 2>&1
   ;;
@@ -330,7 +330,7 @@ final6)
     timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore=tests/kernels/test_pallas_flash.py --ignore=tests/kernels/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
   ) >"$OUT/gpu_tests_rest.log" 2>&1 &
   wait
-  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_ring_pallas.py tests/kernels/test_ring_flash.py tests/kernels/test_ring.py --timeout 90 -rf 2>&1 | tail -8 >"$OUT/gpu_tests_ring.log"
+  timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/ring/test_pallas.py tests/kernels/ring/test_cudnn.py tests/kernels/ring/test_xla.py --timeout 90 -rf 2>&1 | tail -8 >"$OUT/gpu_tests_ring.log"
   timeout 130 python3 benchmarks/ring.py --lengths 65536,131072 --pairs pallas --no-contiguous --no-tiles --budget 100 >"$OUT/ring_time.log" 2>&1  # kept as results/ring_pairs_sixth_2xh100.json
   ;;
 ringpaired)
@@ -342,7 +342,7 @@ ringprof)
   # The default ring (seventh session): GPU tests; its parts, traces of the ring's and one GPU's
   # forward with device time per call; then ring.py (10 calls per sample) with both pair kernels
   # and interleaved ratios.
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/ring/test_cudnn.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 150 python3 benchmarks/ring_profile.py --seq 65536 >"$OUT/ring_profile.log" 2>&1
   mv "$OUT/ring_profile_2xh100.json" "$OUT/ring_profile_65k.json"
   (cd "$OUT" && tar czf traces_65k.tgz ./*_hlo.txt ./*_timeline.txt && rm ./*_hlo.txt ./*_timeline.txt)
@@ -376,7 +376,7 @@ sweep8)
 final8)
   # Eighth session's table: PALLAS_FLASH (128 x 64 forward tiles; (keys, queries) dK/dV; three
   # forward stages for block lists) then FlexAttention on GPU 0; every single-GPU test on GPU 1.
-  table_beside_tests eighth 240 215 170 150 380 tests --ignore tests/kernels/test_ring_flash.py --ignore tests/kernels/test_ring_pallas.py
+  table_beside_tests eighth 240 215 170 150 380 tests --ignore tests/kernels/ring/test_cudnn.py --ignore tests/kernels/ring/test_pallas.py
   ;;
 docs8)
   # Eighth session, call 3, run with code since dropped (documents' rows walked by their bounds
@@ -433,7 +433,7 @@ tests9)
   # Mosaic-GPU forward), then the GPU tests of every kernel built on PALLAS_FLASH's on GPU 1
   # (decode, paged and LINEAR share nothing with it) beside the Mosaic-GPU forward's dtype
   # probe on GPU 0.
-  gpu_tests 150 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py tests/kernels/test_ring.py >"$OUT/ring_tests.log"
+  gpu_tests 150 tests/kernels/ring/test_cudnn.py tests/kernels/ring/test_pallas.py tests/kernels/ring/test_xla.py >"$OUT/ring_tests.log"
   (
     export CUDA_VISIBLE_DEVICES=0
     sweep mosaicdtype9 150 130 --mosaic dtypes
@@ -553,7 +553,7 @@ last8)
   # Eighth session's last call, on the final code: the ring tests on both GPUs (the dK/dV
   # kernel in place), then the documents and full rows beside FlexAttention on GPU 0 and the
   # PALLAS_FLASH GPU tests on GPU 1.
-  gpu_tests 150 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py >"$OUT/ring_tests.log"
+  gpu_tests 150 tests/kernels/ring/test_cudnn.py tests/kernels/ring/test_pallas.py >"$OUT/ring_tests.log"
   (
     export CUDA_VISIBLE_DEVICES=0
     table_and_flex eighth3 4docs,full 120 105 90 80
@@ -581,8 +581,8 @@ final7)
   # Seventh session's last call: the PALLAS_FLASH table (128 x 64 forward tiles, wide dQ for
   # interval masks) then FlexAttention on GPU 0; every single-GPU test on GPU 1; then the ring
   # tests on both GPUs.
-  table_beside_tests seventh 200 170 170 150 360 tests --ignore tests/kernels/test_ring_flash.py --ignore tests/kernels/test_ring_pallas.py
-  gpu_tests 150 tests/kernels/test_ring_flash.py tests/kernels/test_ring_pallas.py >"$OUT/ring_tests.log"
+  table_beside_tests seventh 200 170 170 150 360 tests --ignore tests/kernels/ring/test_cudnn.py --ignore tests/kernels/ring/test_pallas.py
+  gpu_tests 150 tests/kernels/ring/test_cudnn.py tests/kernels/ring/test_pallas.py >"$OUT/ring_tests.log"
   ;;
 last7)
   # The float32 bias-gradient test after wide dQ was limited to 2-byte inputs without a bias
@@ -592,7 +592,7 @@ last7)
   timeout 90 python3 benchmarks/torch_peers.py 80 GQA >>"$OUT/gqa.log" 2>&1
   ;;
 ring)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_ring_flash.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/ring/test_cudnn.py --timeout 120 -rf >"$OUT/ring_tests.log" 2>&1
   timeout 400 python3 benchmarks/ring.py --budget 330 >"$OUT/ring.log" 2>&1
   ;;
 esac

@@ -5,7 +5,7 @@ Single GPU: ``flash_attention`` (cuDNN) and ``memory_efficient_attention`` on th
 sequence on device 0 (memory-efficient at the first length only). Ring: ``ring_attention``
 inside ``jax.shard_map`` over both GPUs, the sequence already in zigzag (and, for comparison,
 contiguous) order, as a data loader would deliver it (the permutation is not timed). The ring's
-default dispatch computes each shard pair with one cuDNN call (``_ring_flash``); the
+default dispatch computes each shard pair with one cuDNN call (``attnax.kernels.ring.cudnn``); the
 ``_xla_tiles`` rows force the blockwise XLA pairs (``fused_pairs=False``) for comparison.
 
 Throughput ratio = single-GPU time / ring time on the same total length; parallel efficiency =
@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from attnax._mods import causal_mod
 from attnax.kernels._flash import flash_attention, flash_attention_bthd
 from attnax.kernels._memory_efficient import memory_efficient_attention
-from attnax.kernels._ring import ring_attention
+from attnax.kernels.ring import ring_attention
 
 START = time.perf_counter()
 rows: list[dict[str, Any]] = []

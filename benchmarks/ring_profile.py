@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ring import causal_ring, random_qkv, with_grad
 
 from attnax._mods import causal_mod
-from attnax.kernels import _ring_flash
+from attnax.kernels.ring import pair_kernels
 from attnax.kernels._flash import flash_attention
 
 
@@ -137,7 +137,7 @@ def main() -> None:
         local = random_qkv((1, heads, seq // 2, head_dim), dtype, single, seq + 1)
         quarter = random_qkv((1, heads, seq // 4, head_dim), dtype, single, seq + 2)
         scale = head_dim**-0.5
-        pair = _ring_flash._cudnn_forward
+        pair = pair_kernels.cudnn_forward
         fns["diagonal_causal_T/2"] = (
             jax.jit(lambda q, k, v: pair(q, k, v, causal=True, scale=scale)), local)
         fns["pair_T/2_x_T/4"] = (

@@ -21,8 +21,8 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # CPU runs 8 virtual devices, a one-GPU machine has one).
 NEEDS_TWO_DEVICES = frozenset(
     {
-        "attnax.kernels._ring.ring_attention",
-        "attnax.kernels._ring.sharded_ring_attention",
+        "attnax.kernels.ring.api.ring_attention",
+        "attnax.kernels.ring.api.sharded_ring_attention",
     }
 )
 

@@ -4,11 +4,11 @@ from ._flash import flash_attention as flash_attention
 from ._lite import lite_attention as lite_attention
 from ._memory_efficient import memory_efficient_attention as memory_efficient_attention
 from ._pallas_flash import pallas_flash_attention as pallas_flash_attention
-from ._ring import from_ring_layout as from_ring_layout
-from ._ring import ring_attention as ring_attention
-from ._ring import ring_attention_reference as ring_attention_reference
-from ._ring import sharded_ring_attention as sharded_ring_attention
-from ._ring import to_ring_layout as to_ring_layout
+from .ring import from_ring_layout as from_ring_layout
+from .ring import ring_attention as ring_attention
+from .ring import ring_attention_reference as ring_attention_reference
+from .ring import sharded_ring_attention as sharded_ring_attention
+from .ring import to_ring_layout as to_ring_layout
 from ._standard import standard_attention as standard_attention
 from .decode import decode_attention as decode_attention
 from .decode import paged_decode_attention as paged_decode_attention

@@ -1,4 +1,4 @@
-"""The ring with PALLAS_FLASH pairs (``_ring_pallas``) against attention on the whole sequence.
+"""The ring with PALLAS_FLASH pairs (``ring.pallas``) against attention on the whole sequence.
 
 On CPU the pair kernels run in interpret mode inside ``shard_map`` on virtual devices. JAX
 0.10's interpreter cannot type the backward kernels' loops under ``check_vma`` (see
@@ -9,7 +9,6 @@ are fresh normal draws; values and the gradients of query, key and value are com
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +16,13 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
-from attnax._mods import causal_mod, sliding_window_mod
+from attnax._mods import causal_mod
 from attnax.kernels._pallas_flash import FlashConfig
-from attnax.kernels._ring import (
-    RingLayout,
-    from_ring_layout,
-    ring_attention,
-    sharded_ring_attention,
-    to_ring_layout,
-)
-from attnax.kernels._ring_pallas import pallas_ring
 from attnax.kernels._standard import standard_attention
+from attnax.kernels.ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
+from attnax.kernels.ring.pallas import pallas_ring
 from tests._reference import output_and_vjp, random_qkv, relative_error
+
 
 # Small tiles, so a shard spans several blocks and the zigzag halves fall inside a block
 # when the shard length is not a multiple of 2 x 16.
@@ -42,13 +36,11 @@ _TILES = FlashConfig(
     interpret=True,
 )
 
-
 def _mesh(size: int) -> Mesh:
     devices = jax.devices()
     if len(devices) < size:
         pytest.skip(f"needs {size} devices")
     return Mesh(np.array(devices[:size]), ("ring",))
-
 
 def _global(
     body: Callable[..., jax.Array], mesh: Mesh, layout: RingLayout, *, check_vma: bool
@@ -66,13 +58,11 @@ def _global(
 
     return run
 
-
 def _standard(causal: bool) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     mod = causal_mod() if causal else None
     return functools.partial(
         standard_attention, score_mod=mod, precision=jax.lax.Precision.HIGHEST
     )
-
 
 def _compare(
     ring: Callable[..., jax.Array],
@@ -89,7 +79,6 @@ def _compare(
     for name, got, want in zip("qkv", grads, want_grads, strict=True):
         assert got.dtype == inputs[0].dtype, name
         assert relative_error(got, want) < tolerance, name
-
 
 @pytest.mark.parametrize(
     ("layout", "causal", "num_shards", "kv_heads", "seq"),
@@ -117,7 +106,6 @@ def test_values_and_gradients_match_standard(
     )
     _compare(_global(body, mesh, layout, check_vma=False), inputs, causal, 2e-5)
 
-
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_bf16_inputs(num_shards: int) -> None:
     """On two devices dQ holds one pair's bf16 share between the pairs; on more, float32."""
@@ -136,57 +124,7 @@ def test_bf16_inputs(num_shards: int) -> None:
     )
     _compare(_global(body, mesh, "zigzag", check_vma=False), inputs, True, 1.5e-2)
 
-
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
-def test_public_entry_names_what_is_missing() -> None:
-    mesh = _mesh(2)
-    q, k, v = random_qkv(23, num_heads=2, seq_q=16, head_dim=8)
-
-    def call(**kwargs: Any) -> jax.Array:
-        body = functools.partial(ring_attention, axis_name="ring", **kwargs)
-        return _global(body, mesh, "zigzag", check_vma=True)(q, k, v)
-
-    with pytest.raises(NotImplementedError, match="fused_pairs='pallas'.*need a GPU"):
-        call(score_mod=causal_mod(), layout="zigzag", fused_pairs="pallas")
-    # The global-array wrapper hands the choice through.
-    with pytest.raises(NotImplementedError, match="fused_pairs='pallas'.*need a GPU"):
-        sharded_ring_attention(
-            q, k, v, mesh=mesh, axis_name="ring", score_mod=causal_mod(), fused_pairs="pallas"
-        )
-    # The runtime type check (when on) or the entry's own check names the argument.
-    with pytest.raises((ValueError, TypeError), match="fused_pairs"):
-        call(fused_pairs="triton")
-
-
-@pytest.mark.parametrize(
-    ("mod", "layout", "masked", "expected"),
-    [
-        ("causal", "zigzag", False, (True, None)),
-        (None, "striped", False, (False, None)),
-        ("causal", "striped", False, "zigzag or contiguous"),
-        ("window", "zigzag", False, "None or causal"),
-        ("causal", "zigzag", True, "key-padding mask"),
-    ],
-)
-def test_pallas_pair_plan(
-    mod: str | None, layout: str, masked: bool, expected: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The dispatch rule, with the backend query answered as on a GPU."""
-    from attnax.kernels import _ring
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    q, k, _ = random_qkv(24, num_heads=4, num_kv_heads=2, seq_q=16)
-    score_mod = {"causal": causal_mod(), "window": sliding_window_mod(4), None: None}[mod]
-    mask = jnp.ones((2, 1, 1, 16), bool) if masked else None
-    plan = _ring._pallas_pair_plan(q, k, mask=mask, score_mod=score_mod, layout=layout)
-    if isinstance(expected, tuple):
-        assert plan == expected
-    else:
-        assert plan[1] is not None and expected in plan[1]
-
-
 # --------------------------------------------------------------------------- GPU
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

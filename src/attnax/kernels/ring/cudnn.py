@@ -1,221 +1,38 @@
 """Ring attention with one fused flash call per (query shard, key shard) pair.
 
-The generic ring (:mod:`attnax.kernels._ring`) computes every pair with XLA tiles, which is
+The XLA ring (:mod:`attnax.kernels.ring.xla`) computes every pair with XLA tiles, which is
 exact for any score mod but runs at a fraction of a fused kernel's speed. For the common
 training case (no mask, no score mod other than causal, bf16/fp16 on an NVIDIA GPU) each pair
-is one fused attention call instead:
+is one fused attention call instead (:mod:`attnax.kernels.ring.pair_kernels`):
 
 * forward: cuDNN flash attention returning the pair's normalised output and log-sum-exp; the
-  pairs are merged exactly in float32 through the log-sum-exp, as in the generic ring;
+  pairs are merged exactly in float32 through the log-sum-exp, as in the XLA ring;
 * backward: cuDNN's flash backward given the *global* output and log-sum-exp (not the pair's),
   which makes its probabilities ``exp(s - lse_global)`` and its ``rowsum(dO * O)`` the global
   ones, so the pair's dQ/dK/dV are exactly its share of the full gradient (the same
   recurrences as FlashAttention-2's backward, split over key shards).
 
-Under a causal mask every pair is one of three shapes, all plain cuDNN calls:
-
-* the diagonal pair (a device's own keys): causal on local indices. This holds for the zigzag
-  layout too: device ``i`` holds chunks ``i`` and ``2P - 1 - i``, in increasing order, so
-  "local key index <= local query index" is exactly "global key <= global query";
-* zigzag, visiting shard ``j < i``: all local queries against the first key chunk (chunk ``j``,
-  entirely in the past of both query chunks), unmasked; the second key chunk (``2P - 1 - j``) is
-  in the future of both query chunks;
-* zigzag, ``j > i``: the second query chunk (``2P - 1 - i``) against both key chunks, unmasked;
-  the first query chunk sees neither.
-
-So under zigzag every device computes the same amount at every step (balanced), and with the
-contiguous layout a pair is either full (``j < i``) or skipped (``j > i``).
-
-The pair kernels are swappable: ``pair="cudnn"`` (GPU) or ``pair="xla"`` (dense XLA math with
-the same inputs and outputs, used to test the ring schedule on CPU).
+Under a causal mask every pair is one of three shapes (:mod:`attnax.kernels.ring.pairs`),
+each a plain cuDNN call picked by a ``lax.cond`` on whether the visiting shard is earlier.
 """
 
 import dataclasses
 from collections.abc import Callable, Hashable
-from typing import Any, Literal, TypeAlias, TypeVar
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array
 
-from ._common import (
-    cudnn_internals,
-    cudnn_internals_have,
-    merge_partials,
-    rotate_ring,
-    vary_like,
-    varying_axes,
-)
-
-__all__ = [
-    "PairImpl",
-    "PairRing",
-    "cudnn_pairs_available",
-    "exact_ring",
-    "flash_ring",
-]
-
-PairImpl: TypeAlias = Literal["cudnn", "xla"]
-RingT = TypeVar("RingT", bound="PairRing")
-
-# (out, lse) of one pair: out (B, H, Tq, D) in the input dtype, lse (B, H, Tq) float32.
-_PairOut: TypeAlias = tuple[Array, Float[Array, "B H T"]]
-
-
-@dataclasses.dataclass(frozen=True)
-class PairRing:
-    """The schedule every pair ring shares (this module's and :mod:`._ring_pallas`'s).
-
-    Causal pair schedules are planned for the contiguous and zigzag layouts only; any layout
-    serves without a mask.
-    """
-
-    axis_name: Hashable
-    num_shards: int
-    layout: str
-    causal: bool
-    scale: float
-
-    def __post_init__(self) -> None:
-        if self.causal and self.layout not in ("contiguous", "zigzag"):
-            raise ValueError(
-                f"{type(self).__name__}: causal pairs need layout contiguous or zigzag, "
-                f"got {self.layout}"
-            )
+from .._common import merge_partials, rotate_ring, vary_like, varying_axes
+from .pair_kernels import PAIR_BACKWARD, PAIR_FORWARD, PairImpl
+from .pairs import Grads, PairRing, exact_ring
 
 
 @dataclasses.dataclass(frozen=True)
 class _RingConfig(PairRing):
     pair: PairImpl
 
-
-# --------------------------------------------------------------------------- pair kernels
-
-
-def cudnn_pairs_available() -> bool:
-    """Whether this JAX exposes the cuDNN forward (with log-sum-exp) and backward entry points.
-
-    The backward takes the forward's output and log-sum-exp as inputs; JAX has no public API
-    for that, so the ring binds the primitive JAX's own cuDNN attention uses. When a JAX
-    release moves it, this returns False and the ring keeps its XLA pair path.
-    """
-    return cudnn_internals_have(
-        "dot_product_attention",
-        "_dot_product_attention_bwd_p_wrapper",
-        "MaskType",
-        "AttentionLayout",
-    )
-
-
-def _cudnn_forward(q: Array, k: Array, v: Array, *, causal: bool, scale: float) -> _PairOut:
-    cudnn = cudnn_internals
-    mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
-    out, lse = cudnn.dot_product_attention(
-        q, k, v, scale=scale, mask_type=mask_type, qkv_layout="BNTH", return_residual=True
-    )
-    return out, lse.reshape(q.shape[:3])
-
-
-def _cudnn_backward(
-    q: Array,
-    k: Array,
-    v: Array,
-    out: Array,
-    lse: Array,
-    d_out: Array,
-    *,
-    causal: bool,
-    scale: float,
-) -> tuple[Array, Array, Array]:
-    cudnn = cudnn_internals
-    mask_type = cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK
-    unused = jnp.zeros((0,), q.dtype)
-    grads = cudnn._dot_product_attention_bwd_p_wrapper.bind(
-        q,
-        k,
-        v,
-        unused,  # bias
-        unused,  # q_seqlen
-        unused,  # kv_seqlen
-        unused,  # q_offsets
-        unused,  # kv_offsets
-        unused,  # page_table_k
-        unused,  # page_table_v
-        lse,  # softmax statistics: the global log-sum-exp
-        out.astype(q.dtype),  # the global output (cuDNN forms rowsum(dO * O) from it)
-        d_out.astype(q.dtype),
-        scale=scale,
-        seed=42,
-        dropout_rate=0.0,
-        variadic_args=(False, False),
-        mask_type=mask_type,
-        layout=cudnn.AttentionLayout.BNTH.value,
-        sliding_window_length=None,
-    )
-    dq, dk, dv = grads[:3]
-    return dq, dk, dv
-
-
-def _xla_scores(q: Array, k: Array, *, causal: bool, scale: float) -> tuple[Array, Array | None]:
-    """(B, Hk, G, Tq, S) float32 scaled scores and the causal (top-left) mask, if any."""
-    batch, num_heads, seq_q, head_dim = q.shape
-    num_kv_heads, seq_kv = k.shape[1], k.shape[2]
-    grouped = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, seq_q, head_dim)
-    scores = jnp.einsum(
-        "bkgtd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32
-    ) * jnp.float32(scale)
-    allowed = None
-    if causal:
-        allowed = jnp.arange(seq_q)[:, None] >= jnp.arange(seq_kv)[None, :]
-        scores = jnp.where(allowed, scores, -jnp.inf)
-    return scores, allowed
-
-
-def _xla_forward(q: Array, k: Array, v: Array, *, causal: bool, scale: float) -> _PairOut:
-    scores, _ = _xla_scores(q, k, causal=causal, scale=scale)
-    lse = jax.nn.logsumexp(scores, axis=-1)
-    weights = jnp.exp(scores - lse[..., None])
-    out = jnp.einsum("bkgts,bksd->bkgtd", weights, v.astype(jnp.float32))
-    return out.reshape(q.shape).astype(q.dtype), lse.reshape(q.shape[:3])
-
-
-def _xla_backward(
-    q: Array,
-    k: Array,
-    v: Array,
-    out: Array,
-    lse: Array,
-    d_out: Array,
-    *,
-    causal: bool,
-    scale: float,
-) -> tuple[Array, Array, Array]:
-    batch, num_heads, seq_q, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group_shape = (batch, num_kv_heads, num_heads // num_kv_heads, seq_q)
-    scores, allowed = _xla_scores(q, k, causal=causal, scale=scale)
-    weights = jnp.exp(scores - lse.reshape(group_shape)[..., None])
-    if allowed is not None:
-        weights = jnp.where(allowed, weights, 0.0)
-    d_out32 = d_out.astype(jnp.float32).reshape(*group_shape, head_dim)
-    out32 = out.astype(jnp.float32).reshape(*group_shape, head_dim)
-    dv = jnp.einsum("bkgts,bkgtd->bksd", weights, d_out32)
-    d_weights = jnp.einsum("bkgtd,bksd->bkgts", d_out32, v.astype(jnp.float32))
-    delta = jnp.sum(d_out32 * out32, axis=-1, keepdims=True)
-    d_scores = weights * (d_weights - delta) * jnp.float32(scale)
-    dq = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k.astype(jnp.float32)).reshape(q.shape)
-    dk = jnp.einsum("bkgts,bkgtd->bksd", d_scores, q.astype(jnp.float32).reshape(d_out32.shape))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-_FORWARD: dict[str, Callable[..., _PairOut]] = {"cudnn": _cudnn_forward, "xla": _xla_forward}
-_BACKWARD: dict[str, Callable[..., tuple[Array, Array, Array]]] = {
-    "cudnn": _cudnn_backward,
-    "xla": _xla_backward,
-}
-
-
-# --------------------------------------------------------------------------- ring schedule
 
 # Which (query rows, key rows of the visiting shard) a pair step computes, or None when the
 # whole shard is in the causal future of every local query.
@@ -282,7 +99,7 @@ def _forward_step(
     and out happen inside the merge's fusion, where separate conversions of the whole output
     cost 2 x 0.13 ms of the 14.3 ms forward at 65536 tokens on two H100s (NOTES, Ring).
     """
-    forward = _FORWARD[cfg.pair]
+    forward = PAIR_FORWARD[cfg.pair]
     seq = q.shape[2]
 
     def branch(block: _Block) -> Callable[[Array, Array, Array, Array], tuple[Array, Array]]:
@@ -310,7 +127,7 @@ def _ring_forward(cfg: _RingConfig, q: Array, k: Array, v: Array) -> tuple[Array
     """(output in the query's dtype, float32 log-sum-exp) of the local queries; partial
     outputs are float32 between steps."""
     me = jax.lax.axis_index(cfg.axis_name)
-    out, lse = _FORWARD[cfg.pair](q, k, v, causal=cfg.causal, scale=cfg.scale)
+    out, lse = PAIR_FORWARD[cfg.pair](q, k, v, causal=cfg.causal, scale=cfg.scale)
     visiting = (k, v)
     for step in range(1, cfg.num_shards):
         # Device i now holds the shard of device (i - step) mod P, an earlier shard (j < i)
@@ -322,16 +139,13 @@ def _ring_forward(cfg: _RingConfig, q: Array, k: Array, v: Array) -> tuple[Array
     return out, lse
 
 
-_Grads: TypeAlias = tuple[Array, Array, Array]
-
-
 def _backward_step(
     cfg: _RingConfig,
     earlier: Array,
     residuals: tuple[Array, Array, Array, Array],
     k_s: Array,
     v_s: Array,
-) -> _Grads:
+) -> Grads:
     """The pair's dQ (every local row, zeros where it has no share) and its dK, dV.
 
     The caller adds dQ to its accumulator outside the conditional: a conditional's outputs are
@@ -339,15 +153,15 @@ def _backward_step(
     (T/P, H, D) units the backward held per device at 2.6M tokens on two H100s).
     """
     q, out, lse, d_out = residuals
-    backward = _BACKWARD[cfg.pair]
+    backward = PAIR_BACKWARD[cfg.pair]
     seq = q.shape[2]
     axes = varying_axes(q, k_s, v_s, d_out)
 
     def zeros_like(x: Array) -> Array:
         return vary_like(jnp.zeros(x.shape, x.dtype), axes)
 
-    def branch(block: _Block) -> Callable[[Array, Array], _Grads]:
-        def run(k_s: Array, v_s: Array) -> _Grads:
+    def branch(block: _Block) -> Callable[[Array, Array], Grads]:
+        def run(k_s: Array, v_s: Array) -> Grads:
             if block is None:
                 return zeros_like(q), zeros_like(k_s), zeros_like(v_s)
             rows, keys = block
@@ -376,7 +190,7 @@ def _backward_step(
 
 def _ring_backward(
     cfg: _RingConfig, q: Array, k: Array, v: Array, out: Array, lse: Array, d_out: Array
-) -> _Grads:
+) -> Grads:
     me = jax.lax.axis_index(cfg.axis_name)
     f32 = jnp.float32
     num_shards = cfg.num_shards
@@ -386,7 +200,9 @@ def _ring_backward(
     # already in the input dtype, so sending it in that dtype is exact; longer rings carry
     # partial sums, which stay in float32.
     travel = k.dtype if num_shards == 2 else f32
-    dq, dk, dv = _BACKWARD[cfg.pair](q, k, v, out, lse, d_out, causal=cfg.causal, scale=cfg.scale)
+    dq, dk, dv = PAIR_BACKWARD[cfg.pair](
+        q, k, v, out, lse, d_out, causal=cfg.causal, scale=cfg.scale
+    )
     dq = dq.astype(f32)
     visiting = (k, v)
     accumulators: tuple[Array, Array] | None = None
@@ -414,43 +230,6 @@ def _ring_backward(
         dk = (dk.astype(f32) + home_k.astype(f32)).astype(dk.dtype)
         dv = (dv.astype(f32) + home_v.astype(f32)).astype(dv.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-# A pair ring's forward: (output, natural log-sum-exp) of the local queries over every shard,
-# the output in float32 or already in the query's dtype; its backward: (q, k, v, out, lse, dO)
-# -> (dQ, dK, dV).
-RingForward: TypeAlias = Callable[[RingT, Array, Array, Array], tuple[Array, Array]]
-RingBackward: TypeAlias = Callable[[RingT, Array, Array, Array, Array, Array, Array], _Grads]
-
-
-def exact_ring(
-    ring: RingT,
-    forward: RingForward[RingT],
-    backward: RingBackward[RingT],
-    query: Array,
-    key: Array,
-    value: Array,
-) -> Array:
-    """A pair ring on (query, key, value), with a custom VJP: ``forward(ring, q, k, v)`` runs
-    it and saves the output (in the query's dtype) and the log-sum-exp, which
-    ``backward(ring, q, k, v, out, lse, dO)`` takes."""
-
-    @jax.custom_vjp
-    def attend(q: Array, k: Array, v: Array) -> Array:
-        out, _ = forward(ring, q, k, v)
-        return out.astype(q.dtype)
-
-    def fwd(q: Array, k: Array, v: Array) -> tuple[Array, tuple[Array, ...]]:
-        out, lse = forward(ring, q, k, v)
-        out = out.astype(q.dtype)
-        return out, (q, k, v, out, lse)
-
-    def bwd(res: tuple[Array, ...], d_out: Array) -> _Grads:
-        q, k, v, out, lse = res
-        return backward(ring, q, k, v, out, lse, d_out)
-
-    attend.defvjp(fwd, bwd)
-    return attend(query, key, value)
 
 
 def flash_ring(

@@ -1,12 +1,12 @@
 """Ring attention with PALLAS_FLASH kernels per shard pair, holding as little as one GPU does.
 
-The cuDNN pairs (:mod:`attnax.kernels._ring_flash`) are the fastest ring, but per device they
+The cuDNN pairs (:mod:`attnax.kernels.ring.cudnn`) are the fastest ring, but per device they
 hold 13 (T/P, H, D) units at 2.6M tokens on two H100s where one GPU holds 10: the visiting K/V,
 the pair's fresh gradients, cuDNN's float32 dQ workspace, and each ``lax.cond`` branch's fresh
 outputs. Here every pair is computed by PALLAS_FLASH's kernels, which can work in place:
 
 * **No conditionals.** What a pair may see is data, not control flow: the zigzag and
-  contiguous pair shapes (see :mod:`attnax.kernels._ring_flash`) become a
+  contiguous pair shapes (see :mod:`attnax.kernels.ring.pairs`) become a
   :class:`~attnax._mods.BoxMask` whose bounds depend on whether the visiting shard is earlier,
   so the kernels skip the unseen blocks and every step is the same kernel call.
 * **Backward in place.** dQ is one buffer the dQ kernel adds each pair's share to (aliased).
@@ -36,14 +36,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._mods import BoxMask, MaskScoreMod, causal_mod
-from .._typing import ScoreMod
-from ._common import merge_partials, rotate_ring
-from ._pallas_flash import FlashConfig, default_config, forward, prepare
-from ._pallas_flash_vjp import dkv_call, dq_call, row_terms
-from ._ring_flash import PairRing, exact_ring
-
-__all__ = ["pallas_ring", "pallas_ring_config"]
+from ..._mods import BoxMask, MaskScoreMod, causal_mod
+from ..._typing import ScoreMod
+from .._common import merge_partials, rotate_ring
+from .._pallas_flash import FlashConfig, default_config, forward, prepare
+from .._pallas_flash_vjp import dkv_call, dq_call, row_terms
+from .pairs import PairRing, exact_ring
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)

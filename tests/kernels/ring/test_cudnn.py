@@ -1,4 +1,4 @@
-"""The fused-pair ring schedule (``_ring_flash``) against single-device standard attention.
+"""The fused-pair ring schedule (``ring.cudnn``) against single-device standard attention.
 
 On CPU the pairs run through the dense XLA pair kernels (``pair="xla"``), which take and return
 exactly what the cuDNN pair kernels do (pair output and log-sum-exp forward; dQ/dK/dV from the
@@ -9,7 +9,6 @@ check the cuDNN pair kernels against the XLA ones and the ring over two GPUs.
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,9 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from attnax._mods import causal_mod
-from attnax.kernels import _ring_flash
-from attnax.kernels._ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
 from attnax.kernels._standard import standard_attention
+from attnax.kernels.ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
+from attnax.kernels.ring import cudnn, pair_kernels
 from tests._reference import random_qkv, relative_error
 
 
@@ -30,11 +29,9 @@ def _mesh(size: int) -> Mesh:
         pytest.skip(f"needs {size} devices")
     return Mesh(np.array(devices[:size]), ("ring",))
 
-
 def _weighted_sum(out: jax.Array) -> jax.Array:
     weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
     return jnp.sum(out.astype(jnp.float32) * weights)
-
 
 def _sharded(
     body: Callable[..., jax.Array], mesh: Mesh, layout: RingLayout
@@ -48,7 +45,6 @@ def _sharded(
         return from_ring_layout(mapped(*arranged), num_shards, layout)
 
     return run
-
 
 @pytest.mark.parametrize(
     ("layout", "causal", "num_shards", "kv_heads"),
@@ -68,7 +64,7 @@ def test_schedule_matches_standard(
     q, k, v = random_qkv(11, num_heads=4, num_kv_heads=kv_heads, seq_q=32, head_dim=8)
     scale = 8**-0.5
     body = functools.partial(
-        _ring_flash.flash_ring,
+        cudnn.flash_ring,
         axis_name="ring",
         num_shards=num_shards,
         layout=layout,
@@ -89,15 +85,13 @@ def test_schedule_matches_standard(
     for name, g, w in zip("qkv", got, want, strict=True):
         assert relative_error(g, w) < 2e-5, name
 
-
 def test_causal_pairs_refuse_an_unplanned_layout() -> None:
     q, k, v = random_qkv(13, num_heads=4, num_kv_heads=2, seq_q=16, head_dim=8)
     with pytest.raises(ValueError, match="causal pairs need layout contiguous or zigzag, got striped"):
-        _ring_flash.flash_ring(
+        cudnn.flash_ring(
             q, k, v, axis_name="ring", num_shards=2, layout="striped", causal=True,
             scale=8**-0.5, pair="xla",
         )
-
 
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_bf16_accumulators(num_shards: int) -> None:
@@ -108,7 +102,7 @@ def test_bf16_accumulators(num_shards: int) -> None:
         for x in random_qkv(12, num_heads=4, num_kv_heads=2, seq_q=32, head_dim=8)
     )
     body = functools.partial(
-        _ring_flash.flash_ring,
+        cudnn.flash_ring,
         axis_name="ring",
         num_shards=num_shards,
         layout="zigzag",
@@ -128,7 +122,6 @@ def test_bf16_accumulators(num_shards: int) -> None:
         assert g.dtype == jnp.bfloat16
         assert relative_error(g, w) < 2e-2, name
 
-
 def test_xla_pair_backward_uses_global_statistics() -> None:
     """The pair backward given the global out/lse returns that pair's share of the gradient."""
     q, k, v = random_qkv(3, num_heads=4, num_kv_heads=2, seq_q=16, head_dim=8)
@@ -146,7 +139,7 @@ def test_xla_pair_backward_uses_global_statistics() -> None:
     )
     dq = jnp.zeros_like(q)
     for keys in halves:
-        part_dq, part_dk, part_dv = _ring_flash._xla_backward(
+        part_dq, part_dk, part_dv = pair_kernels.xla_backward(
             q, k[:, :, keys], v[:, :, keys], out, lse, d_out, causal=False, scale=scale
         )
         dq = dq + part_dq
@@ -154,31 +147,7 @@ def test_xla_pair_backward_uses_global_statistics() -> None:
         assert relative_error(part_dv, want_dv[:, :, keys]) < 1e-5
     assert relative_error(dq, want_dq) < 1e-5
 
-
-def test_ring_attention_dispatch_stays_generic_on_cpu() -> None:
-    """Without a GPU, ring_attention keeps the generic (XLA tile) ring: same values."""
-    mesh = _mesh(2)
-    q, k, v = random_qkv(4, num_heads=2, num_kv_heads=2, seq_q=16, head_dim=8)
-    body = functools.partial(
-        ring_attention, axis_name="ring", score_mod=causal_mod(), layout="zigzag"
-    )
-    out = jax.jit(_sharded(body, mesh, "zigzag"))(q, k, v)
-    assert relative_error(out, standard_attention(q, k, v, score_mod=causal_mod())) < 2e-5
-
-
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
-def test_fused_pairs_true_names_the_reason() -> None:
-    mesh = _mesh(2)
-    q, k, v = random_qkv(4, num_heads=2, num_kv_heads=2, seq_q=16, head_dim=8)
-    body = functools.partial(
-        ring_attention, axis_name="ring", score_mod=causal_mod(), fused_pairs=True
-    )
-    with pytest.raises(NotImplementedError, match="fused_pairs=True.*NVIDIA GPU"):
-        _sharded(body, mesh, "contiguous")(q, k, v)
-
-
 # --------------------------------------------------------------------------- GPU
-
 
 def _bf16_qkv(seed: int, seq: int, kv_heads: int) -> tuple[jax.Array, ...]:
     keys = jax.random.split(jax.random.key(seed), 3)
@@ -187,29 +156,27 @@ def _bf16_qkv(seed: int, seq: int, kv_heads: int) -> tuple[jax.Array, ...]:
         jax.random.normal(key, s, jnp.bfloat16) for key, s in zip(keys, shapes, strict=True)
     )
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_pair_kernels_match_xla(causal: bool) -> None:
-    if not _ring_flash.cudnn_pairs_available():
+    if not pair_kernels.cudnn_pairs_available():
         pytest.fail("this JAX lacks the cuDNN entry points the fused ring binds")
     q, k, v = _bf16_qkv(0, 256, 2)
     scale = 64**-0.5
-    out, lse = jax.jit(functools.partial(_ring_flash._cudnn_forward, causal=causal, scale=scale))(
+    out, lse = jax.jit(functools.partial(pair_kernels.cudnn_forward, causal=causal, scale=scale))(
         q, k, v
     )
-    want_out, want_lse = _ring_flash._xla_forward(q, k, v, causal=causal, scale=scale)
+    want_out, want_lse = pair_kernels.xla_forward(q, k, v, causal=causal, scale=scale)
     assert relative_error(out, want_out) < 1e-2
     assert relative_error(lse, want_lse) < 1e-3
     # The backward with statistics from a *different* (global) softmax: use a half of the keys.
     d_out = jax.random.normal(jax.random.key(9), q.shape, jnp.bfloat16)
     half = slice(0, 128)
     args = (q, k[:, :, half], v[:, :, half], want_out, want_lse, d_out)
-    got = jax.jit(functools.partial(_ring_flash._cudnn_backward, causal=causal, scale=scale))(*args)
-    want = _ring_flash._xla_backward(*args, causal=causal, scale=scale)
+    got = jax.jit(functools.partial(pair_kernels.cudnn_backward, causal=causal, scale=scale))(*args)
+    want = pair_kernels.xla_backward(*args, causal=causal, scale=scale)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert relative_error(g, w) < 2e-2, name
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
@@ -234,37 +201,3 @@ def test_cudnn_ring_on_two_gpus(layout: RingLayout) -> None:
     want = jax.grad(lambda *a: _weighted_sum(standard(*a)), argnums=(0, 1, 2))(*f32)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert relative_error(g, w) < 3e-2, name
-
-
-@pytest.mark.parametrize(
-    ("dtype", "mod", "layout", "masked", "expected"),
-    [
-        (jnp.bfloat16, "causal", "zigzag", False, (True, None)),
-        (jnp.bfloat16, None, "striped", False, (False, None)),
-        (jnp.bfloat16, "causal", "striped", False, "striped"),
-        (jnp.bfloat16, "window", "zigzag", False, "score mod"),
-        (jnp.bfloat16, "causal", "zigzag", True, "key-padding mask"),
-        (jnp.float32, "causal", "zigzag", False, "bf16/fp16"),
-    ],
-)
-def test_fused_pair_plan_on_a_hopper(
-    dtype: Any,
-    mod: str | None,
-    layout: str,
-    masked: bool,
-    expected: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The dispatch rule, with the GPU query answered as an H100 would."""
-    from attnax._mods import sliding_window_mod
-    from attnax.kernels import _ring
-
-    monkeypatch.setattr(_ring, "cuda_compute_capability", lambda: (9, 0))
-    q, k, v = (x.astype(dtype) for x in random_qkv(5, num_heads=4, num_kv_heads=2, seq_q=16))
-    score_mod = {"causal": causal_mod(), "window": sliding_window_mod(4), None: None}[mod]
-    mask = jnp.ones((2, 1, 1, 16), bool) if masked else None
-    plan = _ring._fused_pair_plan(q, k, v, mask=mask, score_mod=score_mod, layout=layout)
-    if isinstance(expected, tuple):
-        assert plan == expected
-    else:
-        assert plan[1] is not None and expected in plan[1]

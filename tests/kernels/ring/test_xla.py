@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from attnax._mods import (
     additive_bias_mod,
@@ -21,25 +21,18 @@ from attnax._mods import (
     sliding_window_mod,
     softcap_mod,
 )
-from attnax.kernels._ring import (
-    from_ring_layout,
-    ring_attention,
-    ring_attention_reference,
-    sharded_ring_attention,
-    to_ring_layout,
-)
 from attnax.kernels._standard import standard_attention
+from attnax.kernels.ring import sharded_ring_attention
 from tests._reference import random_qkv, reference_attention, relative_error
 
-TOL = 2e-5
 
+TOL = 2e-5
 
 def _mesh(size: int) -> Mesh:
     devices = jax.devices()
     if len(devices) < size:
         pytest.skip(f"needs {size} devices (conftest sets 8 virtual CPU devices)")
     return Mesh(np.array(devices[:size]), ("ring",))
-
 
 def _loss(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -48,7 +41,6 @@ def _loss(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         return jnp.sum(out * weights)
 
     return loss
-
 
 def _assert_matches(ring: Callable[..., jax.Array], standard: Callable[..., jax.Array], qkv: Any) -> None:
     out = jax.jit(ring)(*qkv)
@@ -61,7 +53,6 @@ def _assert_matches(ring: Callable[..., jax.Array], standard: Callable[..., jax.
         assert np.all(np.isfinite(np.asarray(got))), name
         assert relative_error(got, want) < TOL, name
 
-
 CASES = [
     ("contiguous", "none", 32, 4),
     ("contiguous", "causal", 32, 4),
@@ -73,7 +64,6 @@ CASES = [
     ("striped", "causal", 32, 4),
 ]
 
-
 def _mod(kind: str, num_heads: int) -> Any:
     return {
         "none": None,
@@ -81,7 +71,6 @@ def _mod(kind: str, num_heads: int) -> Any:
         "alibi_causal": compose_score_mods(alibi_mod(num_heads), causal_mod()),
         "window": sliding_window_mod(5),
     }[kind]
-
 
 @pytest.mark.parametrize(("layout", "kind", "seq", "block_size"), CASES)
 def test_ring_matches_standard_gqa(layout: str, kind: str, seq: int, block_size: int) -> None:
@@ -106,7 +95,6 @@ def test_ring_matches_standard_gqa(layout: str, kind: str, seq: int, block_size:
         atol=1e-5,
     )
 
-
 def test_ring_eight_devices_zigzag_causal_mqa() -> None:
     mesh = _mesh(8)
     qkv = random_qkv(8, batch=1, num_heads=2, num_kv_heads=1, seq_q=32, head_dim=8)
@@ -120,7 +108,6 @@ def test_ring_eight_devices_zigzag_causal_mqa() -> None:
         return standard_attention(q, k, v, score_mod=causal_mod())
 
     _assert_matches(ring, standard, qkv)
-
 
 def test_ring_key_padding_mask_softcap_and_empty_rows() -> None:
     """A key-padding mask travels with the keys; a batch row with no keys gives zeros."""
@@ -143,7 +130,6 @@ def test_ring_key_padding_mask_softcap_and_empty_rows() -> None:
     _assert_matches(ring, standard, qkv)
     assert np.all(np.asarray(jax.jit(ring)(*qkv))[1] == 0.0)
 
-
 def test_ring_bias_gradient_is_summed_over_devices() -> None:
     """A replicated score-mod array (a learnable bias) receives the full gradient."""
     mesh = _mesh(4)
@@ -164,7 +150,6 @@ def test_ring_bias_gradient_is_summed_over_devices() -> None:
     want = jax.grad(standard_loss)(bias)
     assert relative_error(got, want) < TOL
 
-
 def test_ring_bf16_forward() -> None:
     mesh = _mesh(4)
     qkv = random_qkv(11, batch=1, num_heads=4, num_kv_heads=2, seq_q=32, head_dim=16, dtype=jnp.bfloat16)
@@ -176,119 +161,3 @@ def test_ring_bf16_forward() -> None:
     assert out.dtype == jnp.bfloat16
     expected = reference_attention(*qkv, score_mod=causal_mod())
     assert relative_error(out, expected) < 2e-2
-
-
-def test_ring_attention_reference_matches_standard_inside_shard_map() -> None:
-    mesh = _mesh(4)
-    q, k, v = random_qkv(2, batch=1, num_heads=2, seq_q=16, head_dim=8)
-    spec = PartitionSpec(None, None, "ring", None)  # type: ignore[no-untyped-call]
-
-    def body(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return ring_attention_reference(q, k, v, axis_name="ring", score_mod=causal_mod(), layout="striped")
-
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
-    ordered = [to_ring_layout(x, 4, "striped") for x in (q, k, v)]
-    out = from_ring_layout(jax.jit(mapped)(*ordered), 4, "striped")
-    assert relative_error(out, standard_attention(q, k, v, score_mod=causal_mod())) < TOL
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
-def test_layout_round_trip(layout: str) -> None:
-    x = jnp.arange(2 * 3 * 24).reshape(2, 3, 24, 1)
-    moved = to_ring_layout(x, 4, layout)  # type: ignore[arg-type]
-    assert np.array_equal(np.asarray(from_ring_layout(moved, 4, layout)), np.asarray(x))  # type: ignore[arg-type]
-    if layout == "zigzag":
-        # Device 0 holds chunks 0 and 7 of 8 (3 tokens each).
-        assert list(np.asarray(moved[0, 0, :6, 0])) == [0, 1, 2, 21, 22, 23]
-    if layout == "striped":
-        assert list(np.asarray(moved[0, 0, :6, 0])) == [0, 4, 8, 12, 16, 20]
-
-
-def test_local_path_without_axis_name_and_with_unbound_axis() -> None:
-    q, k, v = random_qkv(4, batch=1, num_heads=4, num_kv_heads=2, seq_q=12, head_dim=8)
-    expected = standard_attention(q, k, v, score_mod=causal_mod())
-    local = ring_attention(q, k, v, score_mod=causal_mod())
-    unbound = jax.jit(lambda q, k, v: ring_attention(q, k, v, axis_name="ring", score_mod=causal_mod()))(q, k, v)
-    assert relative_error(local, expected) < TOL
-    assert relative_error(unbound, expected) < TOL
-    # The local path keeps the single-device features: dense masks and dropout.
-    dense = jnp.tril(jnp.ones((12, 12), bool))[None, None]
-    assert relative_error(ring_attention(q, k, v, mask=dense), expected) < TOL
-    dropped = ring_attention(
-        q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.5, deterministic=False
-    )
-    assert dropped.shape == q.shape
-
-
-def test_errors() -> None:
-    mesh = _mesh(4)
-    q, k, v = random_qkv(6, batch=1, num_heads=2, seq_q=12, head_dim=8)
-    with pytest.raises(ValueError, match="not divisible by 8"):
-        to_ring_layout(q, 4, "zigzag")
-    with pytest.raises(ValueError, match="not divisible by 8"):
-        sharded_ring_attention(q, k, v, mesh=mesh, axis_name="ring", layout="zigzag")
-    # ValueError from the kernel; TypeError from the shape/type checks when they are on.
-    with pytest.raises((ValueError, TypeError), match="layout"):
-        ring_attention(q, k, v, layout="spiral")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="not an axis"):
-        sharded_ring_attention(q, k, v, mesh=mesh, axis_name="sequence")
-    spec = PartitionSpec(None, None, "ring", None)  # type: ignore[no-untyped-call]
-
-    def run(body: Callable[..., jax.Array], seq: int) -> None:
-        qkv = random_qkv(6, batch=1, num_heads=2, seq_q=seq, head_dim=8)
-        jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(*qkv)
-
-    # 12 tokens over 4 devices: 3 per device, which zigzag cannot split into two chunks.
-    with pytest.raises(ValueError, match="even local shard length"):
-        run(lambda q, k, v: ring_attention(q, k, v, axis_name="ring", layout="zigzag"), 12)
-    dense = jnp.ones((1, 1, 4, 4), bool)
-    with pytest.raises(NotImplementedError, match="key-padding mask"):
-        run(lambda q, k, v: ring_attention(q, k, v, axis_name="ring", mask=dense), 16)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        run(
-            lambda q, k, v: ring_attention(
-                q, k, v, axis_name="ring", dropout_rate=0.1, dropout_rng=jax.random.key(0),
-                deterministic=False,
-            ),
-            16,
-        )
-
-
-def test_layer_with_ring_attention_fn_inside_shard_map() -> None:
-    """MultiHeadAttention(attention_fn=partial(ring_attention, ...)) with RoPE at global positions."""
-    import functools
-
-    from flax import nnx
-
-    from attnax import MultiHeadAttention
-
-    mesh = _mesh(4)
-    seq, features = 16, 16
-
-    def layer(attention_fn: Any) -> MultiHeadAttention:
-        return MultiHeadAttention(
-            nnx.Rngs(0), num_heads=4, num_kv_heads=2, in_features=features, use_rope=True,
-            attention_fn=attention_fn, score_mod=causal_mod(),
-        )
-
-    x = jax.random.normal(jax.random.key(1), (2, seq, features))
-    expected = layer(None)(x)
-    ring_layer = layer(functools.partial(ring_attention, axis_name="ring", layout="zigzag"))
-    graphdef, state = nnx.split(ring_layer)
-    positions = to_ring_layout(jnp.arange(seq)[None, None, :, None], 4, "zigzag")[0, 0, :, 0]
-    x_ring = to_ring_layout(x[:, None], 4, "zigzag")[:, 0]
-    seq_spec = PartitionSpec(None, "ring", None)  # type: ignore[no-untyped-call]
-
-    def body(state: Any, x: jax.Array, positions: jax.Array) -> jax.Array:
-        module = nnx.merge(graphdef, state)
-        return module(x, position_ids_q=positions[None], position_ids_kv=positions[None])
-
-    mapped = jax.shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(PartitionSpec(), seq_spec, PartitionSpec("ring")),  # type: ignore[no-untyped-call]
-        out_specs=seq_spec,
-    )
-    out = jax.jit(mapped)(state, x_ring, positions)
-    out = from_ring_layout(out[:, None], 4, "zigzag")[:, 0]
-    assert relative_error(out, expected) < TOL
