@@ -193,7 +193,7 @@ def lite_attention(
       True
     """
     name = "lite_attention"
-    check_qkv(query, key, value, name=name)
+    query, key, value = check_qkv(query, key, value, name=name)
     key_mask = key_padding_mask(mask, query, key, name=name)
     refuse_weight_dropout(dropout_rate, dropout_rng, deterministic, name=name)
     causal = causal_from_score_mod(score_mod, why=_NO_SCORES, name=name) or causal

@@ -29,6 +29,7 @@ from ..._typing import (
     ValueArray,
 )
 from .._common import default_scale
+from .._dtypes import promote_qkv
 from .._memory_efficient import memory_efficient_attention
 from .layout import RingLayout, check_divides, check_layout, from_ring_layout, to_ring_layout
 from .plan import (
@@ -133,6 +134,7 @@ def ring_attention(
       ((1, 2, 8, 4), True)
     """
     name = "ring_attention"
+    query, key, value = promote_qkv(query, key, value, name=name)
     dropout_active = check_ring_arguments(
         query,
         key,
