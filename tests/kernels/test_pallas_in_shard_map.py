@@ -21,7 +21,7 @@ from jax.sharding import Mesh, PartitionSpec
 from attnax import _mods as mods
 from attnax.kernels._decode import decode_attention
 from attnax.kernels._linear import linear_attention
-from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels.memory_efficient import memory_efficient_attention
 from attnax.kernels._pallas_flash import (
     FlashConfig,
     flash_attention_with_config,

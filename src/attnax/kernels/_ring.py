@@ -59,7 +59,7 @@ from ._common import (
     vary_like,
 )
 from ._flash import cudnn_plan
-from ._memory_efficient import memory_efficient_attention
+from .memory_efficient import memory_efficient_attention
 from ._ring_flash import cudnn_pairs_available, flash_ring
 from ._ring_pallas import pallas_ring
 from ._standard import standard_attention
