@@ -268,8 +268,8 @@ memeff)
   # Fifth session, call 1: MEMORY_EFFICIENT's fused GPU tile. Its tests (fused file and the
   # XLA-path file, whose bf16 cases now take the fused tile on a GPU), the block probe beside
   # XLA and PALLAS_FLASH, then the prefill table.
-  timeout 110 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/test_memory_efficient_fused.py --timeout 100 -rf >"$OUT/memeff_tests.log" 2>&1
-  timeout 60 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/test_memory_efficient.py -k "bfloat16 or vmap or shard_map" --timeout 50 -rf >>"$OUT/memeff_tests.log" 2>&1
+  timeout 110 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 100 -rf >"$OUT/memeff_tests.log" 2>&1
+  timeout 60 python3 -m pytest -q -p no:cacheprovider -n 0 tests/kernels/memory_efficient/test_memory_efficient.py -k "bfloat16 or vmap or shard_map" --timeout 50 -rf >>"$OUT/memeff_tests.log" 2>&1
   timeout 110 python3 benchmarks/memeff_blocks.py >"$OUT/memeff_blocks.log" 2>&1
   timeout 260 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1
   ;;
@@ -284,7 +284,7 @@ memeff2)
 pftests)
   # Fifth session, call 4: PALLAS_FLASH's GPU tests on the final kernel (its forward() now also
   # serves MEMORY_EFFICIENT's stepped calls).
-  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 250 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 250 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   ;;
 ringlean)
   # The PALLAS_FLASH-pair ring: its GPU tests (and PALLAS_FLASH's, whose backward was split),
@@ -304,7 +304,7 @@ ranges)
   ) >"$OUT/gpu0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_pallas_in_shard_map.py --timeout 140 -rf 2>&1 | tail -15
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_pallas_in_shard_map.py --timeout 140 -rf 2>&1 | tail -15
     timeout 170 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --no-peers --indexed-full --tag indexed --budget 140
   ) >"$OUT/gpu1.log" 2>&1 &
   wait
@@ -322,12 +322,12 @@ final6)
   # each, then both), and the ring's speed table with both pair kernels.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py --timeout 180 -rf 2>&1 | tail -8
+    timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 180 -rf 2>&1 | tail -8
     timeout 90 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep2 --no-peers --fwd-block-kv 64 --tag bwdsweep2 --budget 75
   ) >"$OUT/gpu_tests_pallas.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore=tests/kernels/test_pallas_flash.py --ignore=tests/kernels/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
+    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore=tests/kernels/test_pallas_flash.py --ignore=tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
   ) >"$OUT/gpu_tests_rest.log" 2>&1 &
   wait
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/ring/test_pallas.py tests/kernels/ring/test_cudnn.py tests/kernels/ring/test_xla.py --timeout 90 -rf 2>&1 | tail -8 >"$OUT/gpu_tests_ring.log"
@@ -368,7 +368,7 @@ sweep8)
   ) >"$OUT/bwdsweep4_part0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 140 tests/kernels/test_pallas_flash.py tests/kernels/test_memory_efficient_fused.py
+    gpu_tests 140 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py
     sweep bwdsweep4_part1 290 265 --bwd-sweep4 1
   ) >"$OUT/bwdsweep4_part1.log" 2>&1 &
   wait
@@ -382,7 +382,7 @@ docs8)
   # Eighth session, call 3, run with code since dropped (documents' rows walked by their bounds
   # behind an in-kernel branch, slower; NOTES "Eighth session"): its --docs-sweep flags are
   # gone. What remains of it: the table then FlexAttention on GPU 0, the kernel tests on GPU 1.
-  table_beside_tests eighth2 240 225 150 135 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_flash.py
+  table_beside_tests eighth2 240 225 150 135 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_flash.py
   ;;
 probe9)
   # Ninth session, call 1: the forward with 8 warps (128 x 64 and 256 x 64) against 4 warps on
@@ -440,7 +440,7 @@ tests9)
   ) >"$OUT/probe.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/test_memory_efficient_fused.py tests/kernels/test_flash.py
+    gpu_tests 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_flash.py
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -541,7 +541,7 @@ tests10)
   (
     export CUDA_VISIBLE_DEVICES=0
     gpu_tests 280 tests/kernels/test_flash.py tests/kernels/test_pallas_in_shard_map.py \
-      tests/kernels/test_memory_efficient_fused.py
+      tests/kernels/memory_efficient/test_memory_efficient_fused.py
   ) >"$OUT/gpu_tests0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1

@@ -53,7 +53,7 @@ from _timing import median_seconds, sample_seconds  # benchmarks/_timing.py
 
 from attnax import _mods as mods
 from attnax.kernels._flash import flash_attention, flash_attention_bthd
-from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels.memory_efficient import memory_efficient_attention
 
 ROWS: list[dict[str, Any]] = []
 START = time.perf_counter()

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from attnax._mods import causal_mod
 from attnax.kernels._flash import flash_attention, flash_attention_bthd
-from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels.memory_efficient import memory_efficient_attention
 from attnax.kernels.ring import ring_attention
 
 START = time.perf_counter()

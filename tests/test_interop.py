@@ -21,7 +21,7 @@ def _pair(attention_fn: object) -> tuple[nnx.MultiHeadAttention, nnx.MultiHeadAt
 
 @pytest.mark.parametrize("kernel", ["standard", "memory_efficient"])
 def test_flax_layer_with_attnax_kernel_matches_flax(kernel: str) -> None:
-    from attnax.kernels._memory_efficient import memory_efficient_attention
+    from attnax.kernels.memory_efficient import memory_efficient_attention
 
     fn = attnax.standard_attention if kernel == "standard" else memory_efficient_attention
     ours, theirs = _pair(as_flax_attention_fn(fn))

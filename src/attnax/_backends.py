@@ -25,7 +25,7 @@ from .kernels._fallback import FallbackKernel, register_fallback
 from .kernels._flash import flash_attention, flash_attention_bthd
 from .kernels.linear import linear_attention
 from .kernels._lite import lite_attention
-from .kernels._memory_efficient import memory_efficient_attention
+from .kernels.memory_efficient import memory_efficient_attention
 from .kernels._pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention
 from .kernels._standard import standard_attention
 

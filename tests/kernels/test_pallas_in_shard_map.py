@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from attnax import _mods as mods
-from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels.memory_efficient import memory_efficient_attention
 from attnax.kernels._pallas_flash import (
     FlashConfig,
     flash_attention_with_config,

@@ -1406,7 +1406,7 @@ def _fallback(
     block_kv: int,
     scale: float | None,
 ) -> jax.Array:
-    from ._memory_efficient import memory_efficient_attention
+    from .memory_efficient import memory_efficient_attention
 
     return memory_efficient_attention(
         query, key, value, mask=mask, score_mod=score_mod, block_size=block_kv, scale=scale

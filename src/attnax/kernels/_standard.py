@@ -31,6 +31,49 @@ from ._common import (
 __all__ = ["standard_attention"]
 
 
+def _modded_scores(
+    query: jax.Array,
+    key: jax.Array,
+    *,
+    mask: jax.Array | None,
+    score_mod: ScoreMod | None,
+    scale_value: float,
+    precision: jax.lax.PrecisionLike,
+) -> jax.Array:
+    """Scaled scores (B, H, T, S) in the accumulation dtype, mods and ``mask`` applied
+    (disallowed pairs at -inf)."""
+    batch, num_heads, seq_q, head_dim = query.shape
+    num_kv_heads, seq_kv = key.shape[1], key.shape[2]
+    group = num_heads // num_kv_heads
+    acc = accumulation_dtype(query.dtype)
+    grouped_query = query.reshape(batch, num_kv_heads, group, seq_q, head_dim)
+    scores = jnp.einsum(
+        "bkgtd,bksd->bkgts",
+        grouped_query,
+        key,
+        precision=precision,
+        preferred_element_type=acc,
+    ).reshape(batch, num_heads, seq_q, seq_kv)
+    scores = scores * jnp.asarray(scale_value, acc)
+
+    mask_mod, value_mod = split_score_mod(score_mod)
+    b_idx = jnp.arange(batch).reshape(batch, 1, 1, 1)
+    h_idx = jnp.arange(num_heads).reshape(1, num_heads, 1, 1)
+    q_idx = jnp.arange(seq_q).reshape(1, 1, seq_q, 1)
+    kv_idx = jnp.arange(seq_kv).reshape(1, 1, 1, seq_kv)
+    scores, _ = apply_score_mods(
+        scores,
+        mask_mod=mask_mod,
+        value_mod=value_mod,
+        b_idx=b_idx,
+        h_idx=h_idx,
+        q_idx=q_idx,
+        kv_idx=kv_idx,
+        allowed=mask,
+    )
+    return scores
+
+
 @shape_checked
 def standard_attention(
     query: QueryArray,
@@ -90,30 +133,8 @@ def standard_attention(
     acc = accumulation_dtype(query.dtype)
     scale_value = default_scale(head_dim, scale)
 
-    grouped_query = query.reshape(batch, num_kv_heads, group, seq_q, head_dim)
-    scores = jnp.einsum(
-        "bkgtd,bksd->bkgts",
-        grouped_query,
-        key,
-        precision=precision,
-        preferred_element_type=acc,
-    ).reshape(batch, num_heads, seq_q, seq_kv)
-    scores = scores * jnp.asarray(scale_value, acc)
-
-    mask_mod, value_mod = split_score_mod(score_mod)
-    b_idx = jnp.arange(batch).reshape(batch, 1, 1, 1)
-    h_idx = jnp.arange(num_heads).reshape(1, num_heads, 1, 1)
-    q_idx = jnp.arange(seq_q).reshape(1, 1, seq_q, 1)
-    kv_idx = jnp.arange(seq_kv).reshape(1, 1, 1, seq_kv)
-    scores, _ = apply_score_mods(
-        scores,
-        mask_mod=mask_mod,
-        value_mod=value_mod,
-        b_idx=b_idx,
-        h_idx=h_idx,
-        q_idx=q_idx,
-        kv_idx=kv_idx,
-        allowed=mask,
+    scores = _modded_scores(
+        query, key, mask=mask, score_mod=score_mod, scale_value=scale_value, precision=precision
     )
 
     row_max = jax.lax.stop_gradient(safe_row_max(scores))

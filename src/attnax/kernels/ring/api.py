@@ -30,7 +30,7 @@ from ..._typing import (
 )
 from .._common import default_scale
 from .._dtypes import promote_qkv
-from .._memory_efficient import memory_efficient_attention
+from ..memory_efficient import memory_efficient_attention
 from .layout import RingLayout, check_divides, check_layout, from_ring_layout, to_ring_layout
 from .plan import (
     FusedPairs,

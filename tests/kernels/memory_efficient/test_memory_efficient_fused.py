@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from attnax import _mods as mods
-from attnax.kernels import _memory_efficient
-from attnax.kernels._memory_efficient import memory_efficient_attention
+from attnax.kernels.memory_efficient import fused as fused_module
+from attnax.kernels.memory_efficient import memory_efficient_attention
 from attnax.kernels._pallas_flash import flash_attention_with_config, stepped_config
 from attnax.kernels._standard import standard_attention
 from tests._reference import output_and_vjp, random_qkv, reference_attention, relative_error
@@ -121,8 +121,8 @@ def _spy(monkeypatch: pytest.MonkeyPatch, gpu: bool) -> list[Any]:
         calls.append(config)
         return jnp.zeros_like(query)
 
-    monkeypatch.setattr(_memory_efficient, "cuda_compute_capability", lambda: (9, 0) if gpu else None)
-    monkeypatch.setattr(_memory_efficient, "flash_attention_with_config", fake_fused)
+    monkeypatch.setattr(fused_module, "cuda_compute_capability", lambda: (9, 0) if gpu else None)
+    monkeypatch.setattr(fused_module, "flash_attention_with_config", fake_fused)
     return calls
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from attnax import _mods as mods
 from attnax.kernels import standard_attention
-from attnax.kernels._memory_efficient import _fit_block, memory_efficient_attention
+from attnax.kernels.memory_efficient import memory_efficient_attention
+from attnax.kernels.memory_efficient.plan import fit_block
 from tests._reference import random_qkv, reference_attention, relative_error
 
 # float32 kernels at HIGHEST precision: values to ~1e-6 of the float64 reference.
@@ -207,7 +208,7 @@ def test_dropout_uses_per_tile_keys_in_forward_and_backward() -> None:
     rng, rate, block_size = jax.random.key(9), 0.4, 4
     batch, num_heads, seq_q, _ = query.shape
     seq_kv = key.shape[2]
-    block_q, block_kv = _fit_block(seq_q, block_size), _fit_block(seq_kv, block_size)
+    block_q, block_kv = fit_block(seq_q, block_size), fit_block(seq_kv, block_size)
     rows = []
     for i in range(-(-seq_q // block_q)):
         row = [
