@@ -22,7 +22,7 @@ from attnax import _mods as mods
 from attnax.kernels._decode import decode_attention
 from attnax.kernels._linear import linear_attention
 from attnax.kernels._memory_efficient import memory_efficient_attention
-from attnax.kernels._pallas_flash import (
+from attnax.kernels.pallas_flash import (
     FlashConfig,
     flash_attention_with_config,
     pallas_flash_attention,

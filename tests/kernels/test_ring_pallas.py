@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from attnax._mods import causal_mod, sliding_window_mod
-from attnax.kernels._pallas_flash import FlashConfig
+from attnax.kernels.pallas_flash import FlashConfig
 from attnax.kernels._ring import (
     RingLayout,
     from_ring_layout,

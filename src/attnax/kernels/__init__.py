@@ -6,7 +6,7 @@ from ._linear import linear_attention as linear_attention
 from ._lite import lite_attention as lite_attention
 from ._memory_efficient import memory_efficient_attention as memory_efficient_attention
 from ._paged import paged_decode_attention as paged_decode_attention
-from ._pallas_flash import pallas_flash_attention as pallas_flash_attention
+from .pallas_flash import pallas_flash_attention as pallas_flash_attention
 from ._ring import from_ring_layout as from_ring_layout
 from ._ring import ring_attention as ring_attention
 from ._ring import ring_attention_reference as ring_attention_reference

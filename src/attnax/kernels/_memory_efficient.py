@@ -59,7 +59,7 @@ from ._common import (
     vary_like,
     varying_axes,
 )
-from ._pallas_flash import flash_attention_with_config, kernel_can_tile, stepped_config
+from .pallas_flash import flash_attention_with_config, kernel_can_tile, stepped_config
 
 __all__ = ["memory_efficient_attention"]
 
