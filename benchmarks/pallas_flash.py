@@ -274,7 +274,7 @@ def backward_sweep(budget: float, second: bool = False) -> None:
     and 3 stages; ours is 64 x 64 with 4 warps and 2 stages (chosen in run 1, before the
     back-to-back timer and the consecutive full blocks).
     """
-    base = dict(block_kv=64)
+    base: dict[str, Any] = dict(block_kv=64)
     variants = [
         FlashConfig(**base),
         FlashConfig(**base, num_stages_bwd=3),

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from attnax import _mods as mods
 from attnax.kernels._standard import standard_attention

@@ -230,6 +230,7 @@ def flash_attention_with_config(
     return out
 
 
+# About 100 lines, most of them the public docstring (its mods, fallbacks and an example).
 @shape_checked
 def pallas_flash_attention(
     query: QueryArray,

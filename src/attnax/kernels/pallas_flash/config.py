@@ -5,7 +5,7 @@ A frozen pydantic model, so it is hashable (the kernels take it as a ``jax.jit``
 argument) and every field is checked when it is built; its errors name the field and the fix.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 from pydantic import ValidationInfo
@@ -53,9 +53,17 @@ TileSize = Annotated[int, Field(ge=16), AfterValidator(power_of_two_tile)]
 # One slot would make the producer wait for a step to finish before loading the next: no
 # pipeline (JAX's Mosaic-GPU example requires two as well).
 MosaicSlots = Annotated[int, Field(ge=2)]
-# Either divides the whole 128-row tiles the Mosaic-GPU backward's selection requires of both
-# sequences (``plan.mosaic_backward_applies``).
-MosaicStreamedTile = Literal[64, 128]
+def mosaic_streamed_tile(value: int, info: ValidationInfo) -> int:
+    """Either divides the whole 128-row tiles the Mosaic-GPU backward's selection requires of
+    both sequences (``plan.mosaic_backward_applies``)."""
+    if value not in (64, 128):
+        raise ValueError(f"`{info.field_name}` must be 64 or 128, got {value}.")
+    return value
+
+
+# An int, not a Literal, so that ``FlashConfig(**settings)`` with a ``dict[str, int]`` (the
+# benchmarks' sweeps) type-checks.
+MosaicStreamedTile = Annotated[int, AfterValidator(mosaic_streamed_tile)]
 
 
 class FlashConfig(BaseModel):
