@@ -184,11 +184,11 @@ gputests)
   # The GPU-marked tests on the final tree, split over the two GPUs.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 150 -rf 2>&1 | tail -6
+    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash --timeout 150 -rf 2>&1 | tail -6
   ) >"$OUT/gpu_tests_0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --deselect tests/kernels/test_pallas_flash.py --ignore tests/kernels/test_pallas_flash.py --timeout 150 -rf 2>&1 | tail -6
+    timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --deselect tests/kernels/pallas_flash --ignore tests/kernels/pallas_flash --timeout 150 -rf 2>&1 | tail -6
   ) >"$OUT/gpu_tests_1.log" 2>&1 &
   wait
   ;;
@@ -211,12 +211,12 @@ linear)
 final)
   # Fourth session: every GPU test but PALLAS_FLASH's (those run in `pallasflash`), then the
   # prefill table with the back-to-back timer.
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/gpu_tests.log" 2>&1
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore tests/kernels/pallas_flash --timeout 150 -rf >"$OUT/gpu_tests.log" 2>&1
   tail -4 "$OUT/gpu_tests.log"
   timeout 250 python3 benchmarks/prefill.py --xla-max-seq 16384 >"$OUT/prefill.log" 2>&1
   ;;
 pallasflash)
-  timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   tail -4 "$OUT/gpu_tests_pallas_flash.log"
   ;;
 flex64)
@@ -238,7 +238,7 @@ consecutive)
     timeout 100 python3 benchmarks/pallas_flash.py --only "$ONLY" --no-peers --fwd-block-kv $kv --indexed-full --tag indexed >"$OUT/pf_kv${kv}_indexed.log" 2>&1
   done
   grep -h "attnax pallas_flash" "$OUT"/pf_*.log
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   tail -2 "$OUT/gpu_tests_pallas_flash.log"
   ;;
 consecutive2)
@@ -248,7 +248,7 @@ consecutive2)
   timeout 100 python3 benchmarks/pallas_flash.py --only "$ONLY" --no-peers --fwd-block-kv 64 --tag consecutive2 >"$OUT/pf_consecutive.log" 2>&1
   timeout 100 python3 benchmarks/pallas_flash.py --only "$ONLY" --no-peers --fwd-block-kv 64 --indexed-full --tag indexed2 >"$OUT/pf_indexed.log" 2>&1
   grep -h "attnax pallas_flash" "$OUT"/pf_*.log
-  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash --timeout 200 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   tail -2 "$OUT/gpu_tests_pallas_flash.log"
   ;;
 flexfinal)
@@ -277,19 +277,19 @@ memeff2)
   # Fifth session, call 2: every GPU test but PALLAS_FLASH's (the layer's MEMORY_EFFICIENT and
   # the ring's local path now take the fused tile for bf16), FLASH against raw cuDNN with
   # interleaved samples, and a PALLAS_FLASH backward tile sweep.
-  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/gpu_tests.log" 2>&1
+  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore tests/kernels/pallas_flash --timeout 150 -rf >"$OUT/gpu_tests.log" 2>&1
   timeout 100 python3 benchmarks/prefill.py --paired-only --paired 20 >"$OUT/prefill_paired.log" 2>&1
   timeout 190 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep --no-peers --tag bwdsweep --budget 175 >"$OUT/pallas_flash_bwdsweep.log" 2>&1
   ;;
 pftests)
   # Fifth session, call 4: PALLAS_FLASH's GPU tests on the final kernel (its forward() now also
   # serves MEMORY_EFFICIENT's stepped calls).
-  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 250 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
+  timeout 280 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 250 -rf >"$OUT/gpu_tests_pallas_flash.log" 2>&1
   ;;
 ringlean)
   # The PALLAS_FLASH-pair ring: its GPU tests (and PALLAS_FLASH's, whose backward was split),
   # compile-only memory of one GPU at T against the rings at 2T, then speed at 65536.
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/ring/test_pallas.py tests/kernels/test_pallas_flash.py --timeout 150 -rf >"$OUT/ring_pallas_tests.log" 2>&1
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -n 0 -m gpu tests/kernels/ring/test_pallas.py tests/kernels/pallas_flash --timeout 150 -rf >"$OUT/ring_pallas_tests.log" 2>&1
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 220 python3 benchmarks/ring.py --memory --pairs default,pallas --lengths 1900544,1966080 --ring-lengths 3801088,3932160 >"$OUT/ring_memory.log" 2>&1
   timeout 200 python3 benchmarks/ring.py --lengths 65536 --pairs pallas --no-contiguous --no-tiles --budget 150 >"$OUT/ring_time.log" 2>&1
   ;;
@@ -304,7 +304,7 @@ ranges)
   ) >"$OUT/gpu0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_pallas_in_shard_map.py --timeout 140 -rf 2>&1 | tail -15
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_pallas_in_shard_map.py --timeout 140 -rf 2>&1 | tail -15
     timeout 170 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --no-peers --indexed-full --tag indexed --budget 140
   ) >"$OUT/gpu1.log" 2>&1 &
   wait
@@ -322,12 +322,12 @@ final6)
   # each, then both), and the ring's speed table with both pair kernels.
   (
     export CUDA_VISIBLE_DEVICES=0
-    timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 180 -rf 2>&1 | tail -8
+    timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 180 -rf 2>&1 | tail -8
     timeout 90 python3 benchmarks/pallas_flash.py --skip-table --bwd-sweep2 --no-peers --fwd-block-kv 64 --tag bwdsweep2 --budget 75
   ) >"$OUT/gpu_tests_pallas.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore=tests/kernels/test_pallas_flash.py --ignore=tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
+    timeout 230 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests --ignore=tests/kernels/pallas_flash --ignore=tests/kernels/memory_efficient/test_memory_efficient_fused.py --timeout 220 -rf 2>&1 | tail -8
   ) >"$OUT/gpu_tests_rest.log" 2>&1 &
   wait
   timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/ring/test_pallas.py tests/kernels/ring/test_cudnn.py tests/kernels/ring/test_xla.py --timeout 90 -rf 2>&1 | tail -8 >"$OUT/gpu_tests_ring.log"
@@ -368,7 +368,7 @@ sweep8)
   ) >"$OUT/bwdsweep4_part0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 140 tests/kernels/test_pallas_flash.py tests/kernels/memory_efficient/test_memory_efficient_fused.py
+    gpu_tests 140 tests/kernels/pallas_flash tests/kernels/memory_efficient/test_memory_efficient_fused.py
     sweep bwdsweep4_part1 290 265 --bwd-sweep4 1
   ) >"$OUT/bwdsweep4_part1.log" 2>&1 &
   wait
@@ -382,7 +382,7 @@ docs8)
   # Eighth session, call 3, run with code since dropped (documents' rows walked by their bounds
   # behind an in-kernel branch, slower; NOTES "Eighth session"): its --docs-sweep flags are
   # gone. What remains of it: the table then FlexAttention on GPU 0, the kernel tests on GPU 1.
-  table_beside_tests eighth2 240 225 150 135 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_flash.py
+  table_beside_tests eighth2 240 225 150 135 400 tests/kernels/pallas_flash tests/kernels/test_pallas_in_shard_map.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_flash.py
   ;;
 probe9)
   # Ninth session, call 1: the forward with 8 warps (128 x 64 and 256 x 64) against 4 warps on
@@ -410,7 +410,7 @@ mosaic9)
   ) >"$OUT/table.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 330 tests/kernels/test_pallas_flash.py
+    gpu_tests 330 tests/kernels/pallas_flash
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -440,7 +440,7 @@ tests9)
   ) >"$OUT/probe.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 400 tests/kernels/test_pallas_flash.py tests/kernels/test_pallas_in_shard_map.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_flash.py
+    gpu_tests 400 tests/kernels/pallas_flash tests/kernels/test_pallas_in_shard_map.py tests/kernels/memory_efficient/test_memory_efficient_fused.py tests/kernels/test_flash.py
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -468,7 +468,7 @@ draft10)
   ) >"$OUT/sweep.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 200 tests/kernels/test_pallas_flash.py -k "mosaic"
+    gpu_tests 200 tests/kernels/pallas_flash -k "mosaic"
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -481,7 +481,7 @@ bwd10)
   ) >"$OUT/sweep.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 260 tests/kernels/test_pallas_flash.py
+    gpu_tests 260 tests/kernels/pallas_flash
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -492,7 +492,7 @@ final10)
   (
     export CUDA_VISIBLE_DEVICES=0 OUT="$OUT/gpu0"  # its own torch_peers.json
     mkdir -p "$OUT"
-    gpu_tests 150 tests/kernels/test_pallas_flash.py -k "mosaic or vmap"
+    gpu_tests 150 tests/kernels/pallas_flash -k "mosaic or vmap"
     sweep mosaicslots10 100 85 --mosaic slots
     table_and_flex tenth1 full 120 105 90 80
   ) >"$OUT/gpu0.log" 2>&1 &
@@ -545,7 +545,7 @@ tests10)
   ) >"$OUT/gpu_tests0.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 280 tests/kernels/test_pallas_flash.py
+    gpu_tests 280 tests/kernels/pallas_flash
   ) >"$OUT/gpu_tests1.log" 2>&1 &
   wait
   ;;
@@ -560,7 +560,7 @@ last8)
   ) >"$OUT/table.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 220 tests/kernels/test_pallas_flash.py
+    gpu_tests 220 tests/kernels/pallas_flash
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -573,7 +573,7 @@ stages8)
   ) >"$OUT/listed.log" 2>&1 &
   (
     export CUDA_VISIBLE_DEVICES=1
-    gpu_tests 150 tests/kernels/test_pallas_flash.py -k "documents"
+    gpu_tests 150 tests/kernels/pallas_flash -k "documents"
   ) >"$OUT/gpu_tests.log" 2>&1 &
   wait
   ;;
@@ -587,7 +587,7 @@ final7)
 last7)
   # The float32 bias-gradient test after wide dQ was limited to 2-byte inputs without a bias
   # tile, and the GQA row the final7 table ran out of budget for, beside Flex, on one GPU.
-  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/test_pallas_flash.py -k "bias_gradient" --timeout 100 -rf 2>&1 | tail -4 >"$OUT/gpu_test_bias.log"
+  timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/kernels/pallas_flash -k "bias_gradient" --timeout 100 -rf 2>&1 | tail -4 >"$OUT/gpu_test_bias.log"
   timeout 90 python3 benchmarks/pallas_flash.py --fwd-block-kv 64 --only GQA --tag seventh_gqa --budget 80 >"$OUT/gqa.log" 2>&1
   timeout 90 python3 benchmarks/torch_peers.py 80 GQA >>"$OUT/gqa.log" 2>&1
   ;;

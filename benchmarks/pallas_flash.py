@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from _timing import median_seconds  # benchmarks/_timing.py (scripts run from benchmarks/)
 
 from attnax import _mods as mods
-from attnax.kernels import _pallas_flash
-from attnax.kernels._pallas_flash import FlashConfig, flash_attention_with_config
+from attnax.kernels.pallas_flash import FlashConfig, flash_attention_with_config
+from attnax.kernels.pallas_flash import plan as pallas_plan
 
 HEADS, HEAD_DIM = 16, 128
 rows: list[dict[str, Any]] = []
@@ -209,10 +209,6 @@ def _bwd_tag(flash: FlashConfig) -> str:
         f"dkv{flash.block_q_dkv}x{flash.block_kv_dkv} dq{flash.block_q_dq}x"
         f"{flash.block_kv_dq} w{flash.num_warps_bwd} s{flash.num_stages_bwd}"
     )
-    if flash.num_warps_dq is not None or flash.num_stages_dq is not None:
-        tag += f" dq:w{flash.num_warps_dq} s{flash.num_stages_dq}"
-    if not flash.transposed_dkv:
-        tag += " dkv(q,k)"
     return tag
 
 
@@ -278,7 +274,7 @@ def backward_sweep(budget: float, second: bool = False) -> None:
     and 3 stages; ours is 64 x 64 with 4 warps and 2 stages (chosen in run 1, before the
     back-to-back timer and the consecutive full blocks).
     """
-    base = dict(block_kv=64)
+    base: dict[str, Any] = dict(block_kv=64)
     variants = [
         FlashConfig(**base),
         FlashConfig(**base, num_stages_bwd=3),
@@ -302,68 +298,6 @@ def backward_sweep(budget: float, second: bool = False) -> None:
         ]
     chosen = [c for c in config_list() if c["name"] in ("B4 S4096 full", "B1 S16384 4docs")]
     run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
-
-
-def backward_sweep3(budget: float, part: int) -> None:
-    """Seventh session: the dQ kernel's launch parameters apart from dK/dV's.
-
-    Every earlier backward sweep moved both kernels together, and larger tiles or 8 warps lost
-    2-8x through dK/dV's spills. dQ holds one (block_q_dq, D) float32 accumulator, so Flex's dQ
-    choice (128 query rows x 64 keys, 8 warps) may suit it while dK/dV keeps 64 x 64 at 4
-    warps; and 3 stages may help one kernel and hurt the other. ``part`` 0 and 1 split the
-    variants over two GPUs, each with the default as its baseline.
-    """
-    base: dict[str, Any] = dict(block_kv=64, wide_dq=False)  # the sweep chose wide_dq
-    variants = [
-        [
-            FlashConfig(**base),
-            FlashConfig(**base, num_stages_dq=3),
-            FlashConfig(**base, num_stages_bwd=3, num_stages_dq=2),
-            FlashConfig(**base, block_q_dkv=32),
-        ],
-        [
-            FlashConfig(**base),
-            FlashConfig(**base, block_q_dq=128, num_warps_dq=8),
-            FlashConfig(**base, block_q_dq=128, num_warps_dq=8, num_stages_dq=3),
-            FlashConfig(**base, block_q_dq=128, block_kv_dq=32, num_warps_dq=4),
-        ],
-    ][part]
-    names = ("B4 S4096 full", "B1 S16384 full", "B1 S16384 4docs")
-    chosen = [c for c in config_list() if c["name"] in names]
-    run_variants(chosen, variants, None, _bwd_tag, budget, backward=True)
-
-
-def backward_sweep4(budget: float, part: int) -> None:
-    """Eighth session: the dK/dV kernel with (keys, queries) score tiles, and its launch.
-
-    The (queries, keys) form transposed two register tiles per step (P before dV += P^T dO,
-    dS before dK += dS^T Q), which Triton does through shared memory; FlexAttention's kernel
-    forms S^T = K Q^T instead. With those transposes gone, Flex's own dK/dV launch (64 queries
-    x 128 keys, 8 warps, 3 stages), which spilled in every earlier sweep, may fit. Part 1 also
-    times the forward with 3 stages on the two full configs (the fourth session's sweep found
-    -2% there and +15% on causal). Each part has the old form and the new default as
-    baselines. dQ keeps its own launch (4 warps, 2 stages where wide_dq does not apply).
-    """
-    base: dict[str, Any] = {"block_kv": 64, "num_warps_dq": 4, "num_stages_dq": 2}
-    variants = [
-        [
-            FlashConfig(**base, transposed_dkv=False),
-            FlashConfig(**base),
-            FlashConfig(**base, block_kv_dkv=128, num_warps_bwd=8, num_stages_bwd=3),
-            FlashConfig(**base, block_kv_dkv=128, num_warps_bwd=8, num_stages_bwd=2),
-            FlashConfig(**base, num_stages_bwd=3),
-        ],
-        [
-            FlashConfig(**base, transposed_dkv=False),
-            FlashConfig(**base),
-            FlashConfig(**base, block_q_dkv=128, num_warps_bwd=8),
-            FlashConfig(**base, block_q_dkv=32, block_kv_dkv=128, num_warps_bwd=4),
-            FlashConfig(**base, num_stages=3),
-        ],
-    ][part]
-    names = ("B4 S4096 full", "B1 S16384 full", "B1 S16384 4docs", "B1 S16384 causal")
-    chosen = [c for c in config_list() if c["name"] in names]
-    run_variants(chosen, variants, None, _both_tags, budget, backward=True)
 
 
 def warps_sweep(budget: float) -> None:
@@ -396,12 +330,12 @@ def mosaic_forward_sweep(budget: float) -> None:
     """Call 2: the Mosaic-GPU forward against the Triton one, and its key tile and pipeline
     slots, forward only."""
     variants = [
-        FlashConfig(block_kv=64, mosaic_forward=False),
+        FlashConfig(block_kv=64, use_mosaic_forward=False),
         FlashConfig(block_kv=64),
         FlashConfig(block_kv=64, mosaic_stages=3),
         FlashConfig(block_kv=64, mosaic_block_kv=64, mosaic_stages=3),
         FlashConfig(block_kv=64, mosaic_block_kv=64, mosaic_stages=4),
-        FlashConfig(block_kv=64, mosaic_forward=False),
+        FlashConfig(block_kv=64, use_mosaic_forward=False),
         FlashConfig(block_kv=64),
     ]
     run_variants(_full_configs(), variants, _mosaic_tag, None, budget, backward=False)
@@ -411,7 +345,7 @@ def mosaic_reserve_sweep(budget: float) -> None:
     """Call 3: the Mosaic-GPU forward without the reduction reserve, and three K/V slots once
     that frees their shared memory, beside JAX's example. (Call 3 also ran the grid with heads
     fastest, no different; that switch is gone.)"""
-    from attnax.kernels import _pallas_flash_mgpu as mgpu_kernel
+    from attnax.kernels.pallas_flash import mosaic as mgpu_kernel
 
     variants = [
         ("mosaic kv128 s2", FlashConfig(block_kv=64), None),
@@ -460,7 +394,7 @@ def mosaic_dtype_probe(budget: float) -> None:
     """Call 4: is the Mosaic-GPU forward's gap to JAX's example the dtype (the example runs
     fp16 only) or our wrapper? The kernel called directly and through the public path, in bf16
     and fp16."""
-    from attnax.kernels._pallas_flash_mgpu import mosaic_forward
+    from attnax.kernels.pallas_flash.mosaic import mosaic_forward
 
     def direct(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         return mosaic_forward(q, k, v, scale=HEAD_DIM**-0.5, block_kv=128, stages=2)[0]
@@ -489,7 +423,7 @@ def mosaic_example_probe(budget: float) -> None:
     """Call 1 (then ``benchmarks/mgpu_probe.py``, ``results/mgpu_probe_ninth_h100.json``): is a
     Mosaic-GPU forward worth writing? JAX's example at several tunings beside our Triton
     forward in bf16 and fp16."""
-    triton = FlashConfig(block_kv=64, mosaic_forward=False)
+    triton = FlashConfig(block_kv=64, use_mosaic_forward=False)
     forwards = [
         (f"attnax triton 128x64 {jnp.dtype(dtype).name}", dtype,
          lambda q, k, v: flash_attention_with_config(q, k, v, config=triton))
@@ -505,14 +439,14 @@ def mosaic_example_probe(budget: float) -> None:
 
 def mosaic_backward_sweep(budget: float) -> None:
     """Tenth session, call 2: the Mosaic-GPU backward against the Triton backward
-    (``mosaic_backward=False``) and its own tiles and slots, forward+backward, the first
+    (``use_mosaic_backward=False``) and its own tiles and slots, forward+backward, the first
     default measured first and last; JAX's example's own forward+backward (fp16) in the same
     process. (Call 2's default dQ key tile was 64 rows; it chose 128. Call 2 set both kernels'
     slots through one field, since split in two: the same settings.)"""
     base: dict[str, Any] = {"block_kv": 64, "mosaic_dq_block_kv": 64}
     variants = [
         ("mosaic backward", FlashConfig(**base)),
-        ("triton backward", FlashConfig(**base, mosaic_backward=False)),
+        ("triton backward", FlashConfig(**base, use_mosaic_backward=False)),
         ("mosaic bwd s3", FlashConfig(**base, mosaic_dkv_stages=3, mosaic_dq_stages=3)),
         ("mosaic bwd dq kv128", FlashConfig(block_kv=64)),
         ("mosaic bwd dkv q128", FlashConfig(**base, mosaic_dkv_block_q=128)),
@@ -582,7 +516,7 @@ def _jax_mosaic_example(
 
 
 def _mosaic_tag(flash: FlashConfig) -> str:
-    if not flash.mosaic_forward:
+    if not flash.use_mosaic_forward:
         return "triton " + _fwd_tag(flash)
     return f"mosaic kv{flash.mosaic_block_kv} s{flash.mosaic_stages}"
 
@@ -598,22 +532,6 @@ MOSAIC_PROBES: dict[str, Callable[[float], None]] = {
 }
 
 
-def listed_stages_sweep(budget: float) -> None:
-    """Eighth session: three pipeline stages in both backward kernels where rows keep block
-    lists (``FlashConfig.num_stages_bwd_listed``) against two, interleaved twice, on the
-    documents config (the forward takes three stages either way)."""
-    variants = [
-        FlashConfig(block_kv=64, num_stages_bwd_listed=None),
-        FlashConfig(block_kv=64),
-    ] * 2
-    chosen = [c for c in config_list() if c["name"] == "B1 S16384 4docs"]
-    run_variants(chosen, variants, None, _listed_tag, budget, backward=True)
-
-
-def _listed_tag(flash: FlashConfig) -> str:
-    return f"listed stages fwd {flash.num_stages_listed} bwd {flash.num_stages_bwd_listed}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", action="store_true")
@@ -621,14 +539,8 @@ def main() -> None:
     parser.add_argument("--bwd-sweep", action="store_true")
     parser.add_argument("--bwd-sweep2", action="store_true",
                         help="the sixth session's backward variants (longer steps)")
-    parser.add_argument("--bwd-sweep3", type=int, default=-1,
-                        help="the seventh session's dQ-apart variants, part 0 or 1")
-    parser.add_argument("--bwd-sweep4", type=int, default=-1,
-                        help="the eighth session's (keys, queries) dK/dV variants, part 0 or 1")
     parser.add_argument("--warps-sweep", action="store_true",
                         help="the forward with 8 warps on the full configs (queued)")
-    parser.add_argument("--listed-sweep", action="store_true",
-                        help="the eighth session's backward stages for block lists")
     parser.add_argument("--mosaic", choices=sorted(MOSAIC_PROBES), default=None,
                         help="one of the ninth and tenth sessions' Mosaic-GPU probes (full configs)")
     parser.add_argument("--skip-table", action="store_true")
@@ -645,7 +557,7 @@ def main() -> None:
     # --fwd-block-kv 64: the table with 128 x 64 forward tiles (4 warps, 2 stages), the
     # forward sweep's best; the backward keeps its defaults.
     flash = FlashConfig(block_kv=args.fwd_block_kv)
-    _pallas_flash.BLOCK_RANGES = not args.indexed_full
+    pallas_plan.BLOCK_RANGES = not args.indexed_full
     for cfg in [] if args.skip_table else config_list():
         if args.only and not any(token in cfg["name"] for token in args.only.split(",")):
             continue
@@ -656,12 +568,6 @@ def main() -> None:
         sweep(args.budget)
     if args.bwd_sweep or args.bwd_sweep2:
         backward_sweep(args.budget, second=args.bwd_sweep2)
-    if args.bwd_sweep3 >= 0:
-        backward_sweep3(args.budget, args.bwd_sweep3)
-    if args.bwd_sweep4 >= 0:
-        backward_sweep4(args.budget, args.bwd_sweep4)
-    if args.listed_sweep:
-        listed_stages_sweep(args.budget)
     if args.warps_sweep:
         warps_sweep(args.budget)
     if args.mosaic is not None:

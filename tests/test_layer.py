@@ -10,7 +10,7 @@ from flax import nnx
 
 import attnax
 import attnax._backends
-from attnax.kernels._pallas_flash import pallas_flash_attention
+from attnax.kernels.pallas_flash import pallas_flash_attention
 from tests._reference import reference_attention, relative_error
 
 

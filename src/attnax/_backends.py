@@ -26,7 +26,7 @@ from .kernels._flash import flash_attention, flash_attention_bthd
 from .kernels.linear import linear_attention
 from .kernels._lite import lite_attention
 from .kernels.memory_efficient import memory_efficient_attention
-from .kernels._pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention
+from .kernels.pallas_flash import FAST_FORWARD_BLOCK_KV, pallas_flash_attention
 from .kernels._standard import standard_attention
 
 __all__ = ["BACKENDS", "AttentionType", "Backend", "KernelSettings", "LayerKernel"]

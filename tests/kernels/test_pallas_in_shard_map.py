@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from attnax import _mods as mods
 from attnax.kernels.memory_efficient import memory_efficient_attention
-from attnax.kernels._pallas_flash import (
+from attnax.kernels.pallas_flash import (
     FlashConfig,
     flash_attention_with_config,
     pallas_flash_attention,

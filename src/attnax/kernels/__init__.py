@@ -3,7 +3,7 @@
 from ._flash import flash_attention as flash_attention
 from ._lite import lite_attention as lite_attention
 from .memory_efficient import memory_efficient_attention as memory_efficient_attention
-from ._pallas_flash import pallas_flash_attention as pallas_flash_attention
+from .pallas_flash import pallas_flash_attention as pallas_flash_attention
 from .ring import from_ring_layout as from_ring_layout
 from .ring import ring_attention as ring_attention
 from .ring import ring_attention_reference as ring_attention_reference

@@ -378,7 +378,7 @@ def flash_attention(
        cuDNN's backward requires). A dense ``mask`` is passed as cuDNN's ``mask=`` (jax turns
        it into a large negative bias), and rows it leaves without any key are set to zero.
        Dropout is not available here: ``NotImplementedError``.
-    2. Pallas flash (``attnax.kernels._pallas_flash.pallas_flash_attention``, 128 x 64
+    2. Pallas flash (``attnax.kernels.pallas_flash.pallas_flash_attention``, 128 x 64
        forward tiles): NVIDIA GPU, bf16/fp16 inputs, and a score mod cuDNN cannot express
        (ALiBi, softcap, document, prefix-LM, non-causal windows, offsets, plain callables) or
        any other reason cuDNN is out (head_dim, mixed dtypes).

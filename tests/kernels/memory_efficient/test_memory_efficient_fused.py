@@ -16,7 +16,7 @@ import pytest
 from attnax import _mods as mods
 from attnax.kernels.memory_efficient import fused as fused_module
 from attnax.kernels.memory_efficient import memory_efficient_attention
-from attnax.kernels._pallas_flash import flash_attention_with_config, stepped_config
+from attnax.kernels.pallas_flash import flash_attention_with_config, stepped_config
 from attnax.kernels._standard import standard_attention
 from tests._reference import output_and_vjp, random_qkv, reference_attention, relative_error
 

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec
 
 from attnax._mods import causal_mod
-from attnax.kernels._pallas_flash import FlashConfig
+from attnax.kernels.pallas_flash import FlashConfig
 from attnax.kernels._standard import standard_attention
 from attnax.kernels.ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
 from attnax.kernels.ring.pallas import pallas_ring

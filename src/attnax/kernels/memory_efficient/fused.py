@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from ..._typing import AttentionMask, AttentionOutput, KeyArray, QueryArray, ScoreMod, ValueArray
 from .._common import cuda_compute_capability
-from .._pallas_flash import flash_attention_with_config, kernel_can_tile, stepped_config
+from ..pallas_flash import flash_attention_with_config, kernel_can_tile, stepped_config
 from .plan import NAME
 
 HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

@@ -39,8 +39,15 @@ from jaxtyping import Array
 from ..._mods import BoxMask, MaskScoreMod, causal_mod
 from ..._typing import ScoreMod
 from .._common import merge_partials, rotate_ring
-from .._pallas_flash import FlashConfig, default_config, forward, prepare
-from .._pallas_flash_vjp import dkv_call, dq_call, row_terms
+from ..pallas_flash import (
+    FlashConfig,
+    default_config,
+    dkv_call,
+    dq_call,
+    forward,
+    prepare,
+    row_terms,
+)
 from .pairs import PairRing, exact_ring
 
 _LOG2E = math.log2(math.e)

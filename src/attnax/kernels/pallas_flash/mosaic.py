@@ -1,6 +1,6 @@
 """PALLAS_FLASH's forward lowered through Mosaic GPU (Hopper), for attention without mods.
 
-The Triton forward (``_pallas_flash``) serves every mask and score mod. Where nothing masks or
+The Triton forward (:mod:`.triton`) serves every mask and score mod. Where nothing masks or
 modifies the scores (full attention, MHA or GQA, 2-byte inputs, head_dim padded to 64 or 128,
 lengths in whole tiles), this kernel takes the forward instead: on an H100 it ran 525-590 TF/s
 where Triton's tiles ran 456-480 (``benchmarks/NOTES.md``, "Ninth session"). It returns the
@@ -20,7 +20,10 @@ Structure (FlashAttention-3's warp specialisation): a program owns 128 query row
 
 Scores are never scaled as a tile: the row maximum is taken on raw ``Q Kᵀ`` and the scale,
 times log2(e), is folded into the exponent's argument (one FMA a score). That needs a positive
-scale, which :func:`mosaic_forward_applies` requires.
+scale, which :func:`.plan.mosaic_forward_applies` requires.
+
+Only this module's names are imported with attnax: ``jax.experimental.pallas.mosaic_gpu``
+itself is imported on first use (:func:`mosaic_gpu_module`).
 """
 
 import functools
@@ -34,9 +37,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .tiles import LOG2E
+
 
 @functools.cache
-def _mosaic_gpu() -> Any:
+def mosaic_gpu_module() -> Any:
     """``jax.experimental.pallas.mosaic_gpu``, or None in a jax without it (then the Triton
     forward serves every call). Imported on first use, not with attnax (0.3 s); untyped, as its
     API is experimental and still moves between jax releases."""
@@ -54,10 +59,10 @@ __all__ = [
     "hopper_gpu",
     "mosaic_forward",
     "mosaic_gpu_available",
+    "mosaic_gpu_module",
     "swizzled_tiles",
 ]
 
-_LOG2E = math.log2(math.e)
 _RECIP_LN2 = 1.0 / math.log(2.0)
 # Query rows per consumer warpgroup (one wgmma's M) and consumers per program.
 _WARPGROUP_ROWS = 64
@@ -135,13 +140,13 @@ def batch_folded(fn: Callable[..., _Outputs]) -> Callable[..., _Outputs]:
 
 def mosaic_gpu_available() -> bool:
     """Whether this jax ships Mosaic GPU's Pallas API."""
-    return _mosaic_gpu() is not None
+    return mosaic_gpu_module() is not None
 
 
 def hopper_gpu() -> bool:
     """Whether the default device is a Hopper GPU (compute capability 9.x), where the
     warpgroup matrix products this kernel is built on exist."""
-    if _mosaic_gpu() is None:
+    if mosaic_gpu_module() is None:
         return False
     try:
         device = jax.devices()[0]
@@ -151,6 +156,9 @@ def hopper_gpu() -> bool:
     return device.platform == "gpu" and capability.startswith("9.")
 
 
+# Over 100 lines: one kernel body, whose consumer and producer warpgroups hand the shared
+# K/V slots to each other through the barriers declared here; split apart, each side would
+# take a dozen refs and barriers, and the protocol would no longer read in one place.
 def _kernel(
     q_ref: Any,
     k_ref: Any,
@@ -165,7 +173,7 @@ def _kernel(
     steps: int,
     exponent_scale: float,
 ) -> None:
-    plgpu = _mosaic_gpu()
+    plgpu = mosaic_gpu_module()
     buffers, ready, free, schedule = scoped
     qo_smem2, k_smem, v_smem, lse_smem2 = buffers
     k_ready, v_ready, q_ready = ready
@@ -284,7 +292,7 @@ def _forward_fn(
     mapped axis into the batch axis (Mosaic GPU kernels have no batching rule of their own)."""
 
     def call(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-        plgpu = _mosaic_gpu()
+        plgpu = mosaic_gpu_module()
         batch, heads, seq_q, head_dim = q.shape
         kv_heads, seq_kv = k.shape[1], k.shape[2]
         steps = seq_kv // block_kv
@@ -301,7 +309,7 @@ def _forward_fn(
             block_kv=block_kv,
             stages=used_stages,
             steps=steps,
-            exponent_scale=scale * _LOG2E,
+            exponent_scale=scale * LOG2E,
         )
         transforms = swizzled_tiles(plgpu)
 
@@ -360,7 +368,7 @@ def mosaic_forward(
     """Full attention's forward: ``(out (B, H, T, D), lse2 (B, H, T) float32)``, the base-2
     log-sum-exp of ``scale * log2(e) * Q Kᵀ`` per row, as the Triton forward returns it.
 
-    Preconditions (checked by the caller, ``_pallas_flash.mosaic_forward_applies``): a Hopper
+    Preconditions (checked by the caller, :func:`.plan.mosaic_forward_applies`): a Hopper
     GPU; 2-byte Q/K/V of one dtype; head_dim (padded) 64 or 128; T a multiple of
     :data:`MOSAIC_ROWS` and S of ``block_kv``; H a multiple of Hk; ``scale > 0``.
     """

@@ -1,4 +1,4 @@
-"""Backward kernels of :func:`~attnax.kernels._pallas_flash.pallas_flash_attention`.
+"""PALLAS_FLASH's Triton backward kernels (:func:`dkv_call`, :func:`dq_call`).
 
 FlashAttention-2 style, two Pallas kernels that recompute the probabilities from the saved
 base-2 log-sum-exp and share the forward's block skipping:
@@ -17,7 +17,8 @@ kernel body (closed forms fall out of the traced derivative: ``1 - tanh^2`` for 
 ALiBi and a bias).
 
 Full attention on a Hopper GPU, where the Mosaic-GPU forward ran, takes the Mosaic-GPU pair of
-``_pallas_flash_mgpu_vjp`` instead (:func:`mosaic_backward_applies`).
+:mod:`.mosaic_vjp` instead (:func:`.plan.mosaic_backward_applies`; the choice is made in
+:func:`.api.backward`).
 """
 
 import functools
@@ -27,43 +28,25 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import kernel_outputs, vary_like, varying_axes
-from ._pallas_flash import (
-    _LOG2E,
-    FlashConfig,
-    _compiler_params,
-    _fit,
-    _operand_specs,
-    _Plan,
-    _Prepared,
-    _Tile,
-    compact_tiles,
-    deep_list_pipeline,
-    dot_nn,
-    dot_nt,
-    dot_tn,
-    matmul_precision,
-    mosaic_forward_applies,
+from .._common import kernel_outputs, vary_like, varying_axes
+from .config import FlashConfig, fit
+from .plan import (
+    Prepared,
+    backward_stages,
+    dq_launch,
     prepared_classes,
     row_blocks,
     uses_block_ranges,
-    walk_row,
 )
-from ._pallas_flash_mgpu_vjp import mosaic_backward
+from .tile_mods import Plan
+from .tiles import LOG2E, Tile, dot_nn, dot_nt, matmul_precision, operand_specs, walk_row
+from .triton import launch_params
 
-__all__ = [
-    "backward",
-    "backward_stages",
-    "dkv_call",
-    "dq_call",
-    "dq_launch",
-    "mosaic_backward_applies",
-    "row_terms",
-]
+__all__ = ["dkv_call", "dq_call", "row_terms"]
 
 
 def _scores_and_vjp(
-    plan: _Plan, raw: Any, tile: _Tile, masked: bool
+    plan: Plan, raw: Any, tile: Tile, masked: bool
 ) -> tuple[Any, Any]:
     """log2-domain masked scores of a tile and a function mapping dL/dz to (dL/ds, bias grads)."""
     if plan.value_fn is None:
@@ -80,7 +63,7 @@ def _scores_and_vjp(
             d_raw, d_biases = vjp_fn(dz)
             return d_raw, tuple(d_biases)
 
-    t = z * _LOG2E
+    t = z * LOG2E
     if masked:
         allowed = plan.allowed(tile)
         if allowed is not None:
@@ -98,7 +81,7 @@ def _dkv_kernel(
     idx_ref: Any,
     cnt_ref: Any,
     *refs: Any,
-    plan: _Plan,
+    plan: Plan,
     scale: float,
     group: int,
     block_q: int,
@@ -106,7 +89,6 @@ def _dkv_kernel(
     precision: Any,
     ranged: bool = False,
     accumulate: bool = False,
-    transposed: bool = True,
 ) -> None:
     num_operands = len(plan.operands)
     operand_refs = refs[:num_operands]
@@ -120,18 +102,9 @@ def _dkv_kernel(
     v = v_ref[...]
     many_h = idx_ref.shape[0] > 1
 
-    # (keys, queries) tiles (``transposed``), as FlexAttention's dK/dV kernel: dV += P^T dO
-    # and dK += dS^T Q then take the tiles as they come out of the exponent, where the
-    # (queries, keys) form transposes two register tiles per step.
-    def tile_product(key_side: Any, query_side: Any) -> Any:
-        pair = (key_side, query_side) if transposed else (query_side, key_side)
-        return dot_nt(*pair, precision)
-
-    def per_query(row: Any) -> Any:
-        return row[None, :] if transposed else row[:, None]
-
-    key_product = dot_nn if transposed else dot_tn  # (keys, D) from a tile and (bq, D)
-
+    # (keys, queries) tiles, as FlexAttention's dK/dV kernel: dV += P^T dO and dK += dS^T Q
+    # then take the tiles as they come out of the exponent, where the (queries, keys) form
+    # transposes two register tiles per step.
     def head_body(g: Any, carry: Any) -> Any:
         h = kv_head * group + g
         h_list = h if many_h else 0
@@ -144,7 +117,7 @@ def _dkv_kernel(
             do = do_ref[g, rows, :]
             lse = lse_ref[g, rows]
             delta = delta_ref[g, rows]
-            tile = _Tile(
+            tile = Tile(
                 refs=operand_refs,
                 b=b,
                 h=h,
@@ -152,16 +125,16 @@ def _dkv_kernel(
                 kv_start=kv_start,
                 block_q=block_q,
                 block_kv=block_kv,
-                transposed=transposed,
+                transposed=True,
             )
-            raw = tile_product(k, q) * scale
+            raw = dot_nt(k, q, precision) * scale
             t, pullback = _scores_and_vjp(plan, raw, tile, masked)
-            p = jnp.exp2(t - per_query(lse))
-            dv = dv + key_product(p.astype(do.dtype), do, precision)
-            dp = tile_product(v, do)
-            dz = p * (dp - per_query(delta))
+            p = jnp.exp2(t - lse[None, :])
+            dv = dv + dot_nn(p.astype(do.dtype), do, precision)
+            dp = dot_nt(v, do, precision)
+            dz = p * (dp - delta[None, :])
             d_raw, _ = pullback(dz)
-            dk = dk + key_product(d_raw.astype(q.dtype), q, precision)
+            dk = dk + dot_nn(d_raw.astype(q.dtype), q, precision)
             return dk, dv
 
         return walk_row(
@@ -194,7 +167,7 @@ def _dq_kernel(
     idx_ref: Any,
     cnt_ref: Any,
     *refs: Any,
-    plan: _Plan,
+    plan: Plan,
     scale: float,
     block_q: int,
     block_kv: int,
@@ -223,7 +196,7 @@ def _dq_kernel(
         cols = pl.ds(kv_start, block_kv)
         k = k_ref[cols, :]
         v = v_ref[cols, :]
-        tile = _Tile(
+        tile = Tile(
             refs=operand_refs,
             b=b,
             h=h,
@@ -256,7 +229,7 @@ def _dq_kernel(
 
 
 def row_terms(
-    prepared: _Prepared, out: jax.Array, d_out: jax.Array
+    prepared: Prepared, out: jax.Array, d_out: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """The backward's per-row inputs padded like the prepared query: (dO, delta).
 
@@ -276,7 +249,7 @@ def row_terms(
 
 def dkv_call(
     config: FlashConfig,
-    prepared: _Prepared,
+    prepared: Prepared,
     scale: float,
     do: jax.Array,
     lse: jax.Array,
@@ -300,8 +273,8 @@ def dkv_call(
     num_kv_heads, padded_kv = k.shape[1], k.shape[2]
     seq_q, seq_kv = prepared.seq_q, prepared.seq_kv
     group = num_heads // num_kv_heads
-    bq = _fit(config.block_q_dkv, seq_q)
-    bk = _fit(config.block_kv_dkv, seq_kv)
+    bq = fit(config.block_q_dkv, seq_q)
+    bk = fit(config.block_kv_dkv, seq_kv)
     num_kv_blocks = padded_kv // bk
     # Grid over key blocks; query blocks listed per key block (the transposed map).
     classes_t = jnp.swapaxes(prepared_classes(prepared, bq, bk), -1, -2)
@@ -328,7 +301,7 @@ def dkv_call(
         group_rows,
         pl.BlockSpec((None, list_h, None, indices.shape[-1]), list_map),
         pl.BlockSpec((None, list_h, None, 2), list_map),
-        *_operand_specs(plan),
+        *operand_specs(plan.operands),
     ]
     if accumulate is not None:
         out_dtypes = (accumulate[0].dtype, accumulate[1].dtype)
@@ -352,17 +325,17 @@ def dkv_call(
             precision=matmul_precision(q.dtype),
             ranged=uses_block_ranges(plan),
             accumulate=accumulate is not None,
-            transposed=config.transposed_dkv,
         ),
         grid=(num_kv_blocks, batch, num_kv_heads),
         in_specs=in_specs,
         out_specs=[kv_spec, kv_spec],
         out_shape=kernel_outputs(operands, (k.shape, out_dtypes[0]), (v.shape, out_dtypes[1])),
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(
+        compiler_params=launch_params(
             config.num_warps_bwd,
-            backward_stages(config, prepared, config.num_stages_bwd),
+            backward_stages(prepared, config.num_stages_bwd),
             padded_d,
+            interpret=config.interpret,
         ),
         interpret=config.interpret,
         name="attnax_flash_dkv",
@@ -370,41 +343,9 @@ def dkv_call(
     return d_key, d_value
 
 
-# FlashConfig.wide_dq's launch: (query rows, warps, stages).
-_WIDE_DQ = (128, 8, 3)
-
-
-def dq_launch(config: FlashConfig, prepared: _Prepared) -> tuple[int, int | None, int]:
-    """The dQ kernel's (query tile, warps, stages): ``FlashConfig.wide_dq``'s for interval
-    masks on :func:`~attnax.kernels._pallas_flash.compact_tiles` (where it was measured; Flex
-    itself keeps 64-row dQ tiles at head_dim 64) whose padding already holds whole 128-row
-    tiles; else the configured ones (stages by :func:`backward_stages`)."""
-    rows = _WIDE_DQ[0]
-    if (
-        config.wide_dq
-        and uses_block_ranges(prepared.plan)
-        and compact_tiles(prepared)
-        and _fit(rows, prepared.seq_q) == rows
-        and prepared.query.shape[2] % rows == 0
-    ):
-        return _WIDE_DQ
-    warps = config.num_warps_bwd if config.num_warps_dq is None else config.num_warps_dq
-    stages = config.num_stages_bwd if config.num_stages_dq is None else config.num_stages_dq
-    return _fit(config.block_q_dq, prepared.seq_q), warps, backward_stages(config, prepared, stages)
-
-
-def backward_stages(config: FlashConfig, prepared: _Prepared, stages: int) -> int:
-    """A backward kernel's pipeline stages: ``num_stages_bwd_listed`` where
-    :func:`~attnax.kernels._pallas_flash.deep_list_pipeline` holds, else ``stages``."""
-    listed = config.num_stages_bwd_listed
-    if listed is not None and deep_list_pipeline(prepared):
-        return listed
-    return stages
-
-
 def dq_call(
     config: FlashConfig,
-    prepared: _Prepared,
+    prepared: Prepared,
     scale: float,
     do: jax.Array,
     lse: jax.Array,
@@ -427,7 +368,7 @@ def dq_call(
     group = num_heads // num_kv_heads
     # Grid over query blocks, key blocks listed per query block.
     bq, num_warps, num_stages = dq_launch(config, prepared)
-    bk = _fit(config.block_kv_dq, seq_kv)
+    bk = fit(config.block_kv_dq, seq_kv)
     indices, counts = row_blocks(prepared_classes(prepared, bq, bk), uses_block_ranges(plan))
     many_b, many_h = indices.shape[0] > 1, indices.shape[1] > 1
 
@@ -476,7 +417,7 @@ def dq_call(
             rows_spec,
             pl.BlockSpec((None, None, None, indices.shape[-1]), row_map),
             pl.BlockSpec((None, None, None, 2), row_map),
-            *_operand_specs(plan),
+            *operand_specs(plan.operands),
             *extra_specs,
         ],
         out_specs=[q_spec, *([dbias_spec] * num_biases)],
@@ -484,63 +425,10 @@ def dq_call(
             operands, (q.shape, dq_dtype), *((z.shape, z.dtype) for z in zeros)
         ),
         input_output_aliases=aliases,
-        compiler_params=_compiler_params(num_warps, num_stages, padded_d),
+        compiler_params=launch_params(
+            num_warps, num_stages, padded_d, interpret=config.interpret
+        ),
         interpret=config.interpret,
         name="attnax_flash_dq",
     )(*operands, *extra)
     return results[0], tuple(results[1:])
-
-
-def mosaic_backward_applies(config: FlashConfig, prepared: _Prepared, scale: float) -> bool:
-    """Whether both backward kernels run in Mosaic GPU (``FlashConfig.mosaic_backward``):
-    where the forward does, with sequences in whole 128-row tiles of both kernels (each
-    program owns two consumers' 64 rows; the streamed tiles are 64 or 128 rows)."""
-    return (
-        config.mosaic_backward
-        and prepared.query.shape[2] % 128 == 0
-        and prepared.key.shape[2] % 128 == 0
-        and mosaic_forward_applies(config, prepared, scale)
-    )
-
-
-def backward(
-    config: FlashConfig,
-    prepared: _Prepared,
-    scale: float,
-    out: jax.Array,
-    lse: jax.Array,
-    d_out: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]:
-    """Gradients of query, key, value and of each additive bias (in the plan's bias order)."""
-    seq_q, seq_kv, head_dim = prepared.seq_q, prepared.seq_kv, prepared.head_dim
-    do, delta = row_terms(prepared, out, d_out)
-    if mosaic_backward_applies(config, prepared, scale):
-        d_query, d_key, d_value = mosaic_backward(
-            prepared.query,
-            prepared.key,
-            prepared.value,
-            do,
-            lse,
-            delta,
-            scale=scale,
-            dkv_block_q=config.mosaic_dkv_block_q,
-            dq_block_kv=config.mosaic_dq_block_kv,
-            dkv_stages=config.mosaic_dkv_stages,
-            dq_stages=config.mosaic_dq_stages,
-        )
-        d_scores: tuple[jax.Array, ...] = ()
-    else:
-        d_key, d_value = dkv_call(config, prepared, scale, do, lse, delta)
-        d_query, d_scores = dq_call(config, prepared, scale, do, lse, delta)
-    d_biases = []
-    for leaf, d_score in zip(prepared.plan.bias_leaves, d_scores, strict=True):
-        d_score = d_score[:, :, :seq_q, :seq_kv]
-        axes = tuple(axis for axis in range(4) if leaf.shape[axis] == 1)
-        d_bias = jnp.sum(d_score, axis=axes, keepdims=True) if axes else d_score
-        d_biases.append(d_bias.astype(leaf.dtype))
-    return (
-        d_query[:, :, :seq_q, :head_dim],
-        d_key[:, :, :seq_kv, :head_dim],
-        d_value[:, :, :seq_kv, :head_dim],
-        tuple(d_biases),
-    )

@@ -1,7 +1,7 @@
 """PALLAS_FLASH's backward lowered through Mosaic GPU (Hopper), for attention without mods.
 
-The forward's companion (``_pallas_flash_mgpu``), chosen with it where
-``FlashConfig.mosaic_backward`` is on (``_pallas_flash_vjp.mosaic_backward_applies``): the same
+The forward's companion (:mod:`.mosaic`), chosen with it where
+``FlashConfig.use_mosaic_backward`` is on (:func:`.plan.mosaic_backward_applies`): the same
 preconditions, and it reads the forward's base-2 log-sum-exp.
 
 Two kernels, as the Triton backward, each a warp-specialised pipeline
@@ -22,7 +22,6 @@ gradients of the unscaled products are ``scale`` times the products of ``dS``.
 
 import functools
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,18 +30,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from . import _pallas_flash_mgpu as forward_kernel
-from ._pallas_flash_mgpu import (
-    _mosaic_gpu,
+from . import mosaic as forward_kernel
+from .mosaic import (
+    mosaic_gpu_module,
     batch_folded,
     check_shared_memory,
     compiler_params,
     swizzled_tiles,
 )
+from .tiles import LOG2E
 
 __all__ = ["mosaic_backward"]
 
-_LOG2E = math.log2(math.e)
 _CONSUMERS = 2
 # Rows of the tile a consumer warpgroup owns (its keys in dK/dV, its queries in dQ): one
 # wgmma M tile, and with the streamed tile's rows the register budget of its score tiles.
@@ -55,7 +54,7 @@ def _load_row(ref: Any, layout: Any) -> Any:
     """A (rows,) float32 vector from shared memory in a WGMMA reduction layout.
 
     ``plgpu.load`` takes an index tuple in jax 0.10 and none in 0.11."""
-    plgpu = _mosaic_gpu()
+    plgpu = mosaic_gpu_module()
     index = inspect.signature(plgpu.load).parameters.get("idx")
     if index is not None and index.default is inspect.Parameter.empty:
         return plgpu.load(ref, (), layout=layout)
@@ -96,6 +95,9 @@ def _params(plgpu: Any) -> Any:
     return compiler_params(plgpu, forward_kernel.REDUCTION_SCRATCH_BYTES)
 
 
+# Over 100 lines (as _dq below): the kernel body and its pipeline step close over one call's
+# shapes, refs and barriers; split into module functions each would take a dozen of them,
+# and the order of waits and arrivals would no longer read in one place.
 def _dkv(
     q: jax.Array,
     k: jax.Array,
@@ -108,7 +110,7 @@ def _dkv(
     block_q: int,
     stages: int,
 ) -> tuple[jax.Array, jax.Array]:
-    plgpu = _mosaic_gpu()
+    plgpu = mosaic_gpu_module()
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_kv = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -118,7 +120,7 @@ def _dkv(
     lse_grouped = lse.reshape(batch, kv_heads, group * seq_q)
     delta_grouped = delta.reshape(batch, kv_heads, group * seq_q)
     block_kv = _OWNED_ROWS
-    exponent_scale = scale * _LOG2E
+    exponent_scale = scale * LOG2E
     dtype = q.dtype
     steps = group * seq_q // block_q
     # K and V of both consumers; per slot, Q and dO tiles with their float32 lse and delta.
@@ -258,12 +260,12 @@ def _dq(
     block_kv: int,
     stages: int,
 ) -> jax.Array:
-    plgpu = _mosaic_gpu()
+    plgpu = mosaic_gpu_module()
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_kv = k.shape[1], k.shape[2]
     group = heads // kv_heads
     block_q = _OWNED_ROWS
-    exponent_scale = scale * _LOG2E
+    exponent_scale = scale * LOG2E
     dtype = q.dtype
     steps = seq_kv // block_kv
     # Q, dO, lse and delta of both consumers; per slot, K and V tiles.
@@ -398,7 +400,7 @@ def mosaic_backward(
     """(dQ, dK, dV) of full attention from the forward's base-2 log-sum-exp ``lse2`` (B, H, T)
     and ``delta = sum(dO * O, -1)`` (B, H, T), both float32.
 
-    Preconditions as :func:`~attnax.kernels._pallas_flash_mgpu.mosaic_forward`'s, with T a
+    Preconditions as :func:`.mosaic.mosaic_forward`'s, with T a
     multiple of 128 and S of 128 (each program owns 2 x 64 rows; ``dkv_block_q``, the dK/dV
     kernel's streamed query tile, and ``dq_block_kv``, the dQ kernel's streamed key tile, are
     64 or 128), with ``dkv_stages`` and ``dq_stages`` pipeline slots.
