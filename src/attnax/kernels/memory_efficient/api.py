@@ -156,7 +156,7 @@ def memory_efficient_attention(
       >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
       ((1, 2, 8, 4), True)
     """
-    check_qkv(query, key, value, name=NAME)
+    query, key, value = check_qkv(query, key, value, name=NAME)
     check_mask(mask, query, key, name=NAME)
     dropout_active = check_dropout(dropout_rate, dropout_rng, deterministic, name=NAME)
     positive_int(block_size, "block_size", caller=NAME)

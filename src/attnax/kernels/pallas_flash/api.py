@@ -307,7 +307,7 @@ def pallas_flash_attention(
       >>> out.shape, bool(jnp.allclose(out, ref, atol=1e-5))
       ((1, 2, 16, 16), True)
     """
-    check_qkv(query, key, value, name=NAME)
+    query, key, value = check_qkv(query, key, value, name=NAME)
     check_mask(mask, query, key, name=NAME)
     if check_dropout(dropout_rate, dropout_rng, deterministic, name=NAME):
         raise NotImplementedError(

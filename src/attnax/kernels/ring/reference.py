@@ -75,7 +75,7 @@ def ring_attention_reference(
       ((1, 2, 8, 4), True)
     """
     name = "ring_attention_reference"
-    check_qkv(query, key, value, name=name)
+    query, key, value = check_qkv(query, key, value, name=name)
     check_mask(mask, query, key, name=name)
     check_layout(layout, name=name)
     num_shards = bound_axis_size(axis_name)
