@@ -66,6 +66,11 @@ def _tril_mask(seed: int) -> jax.Array:
     return jnp.tril(jnp.ones((7, 11), bool), k=4)[None, None]
 
 
+def _half_mask_with_empty_row(seed: int) -> jax.Array:
+    mask = jax.random.bernoulli(jax.random.key(seed), 0.5, (2, 1, 8, 12))
+    return mask.at[:, :, 3, :].set(False)  # row 3 sees nothing
+
+
 def _random_mask_with_empty_row(seed: int) -> jax.Array:
     mask = jax.random.bernoulli(jax.random.key(seed), 0.6, (2, 1, 10, 9))
     return mask.at[:, :, 3].set(False).at[1, :, 8].set(False)  # rows that see no key
@@ -103,6 +108,7 @@ _MQA = {"num_heads": 6, "num_kv_heads": 1}
 CASES: list[SoftmaxCase] = [
     # Head groupings and lengths, no mod (T != S and odd lengths need padding to the tiles).
     SoftmaxCase("mha", 1, {"seq_q": 16}),
+    SoftmaxCase("mha-cross-odd", 22, {"seq_q": 13, "seq_kv": 19}),
     SoftmaxCase("gqa-cross-odd", 2, {**_GQA, "seq_q": 9, "seq_kv": 23}),
     SoftmaxCase("mqa-cross-odd", 3, {**_MQA, "seq_q": 17, "seq_kv": 5}),
     SoftmaxCase("d32-odd-causal", 4, {"num_heads": 2, "seq_q": 33, "seq_kv": 47, "head_dim": 32},
@@ -132,6 +138,8 @@ CASES: list[SoftmaxCase] = [
     SoftmaxCase("plain-callable", 15, {"seq_q": 9}, score_mod=_mod(lambda: _plain_callable)),
     # Boolean masks broadcast over batch and heads.
     SoftmaxCase("mask-broadcast-gqa", 16, {**_GQA, "seq_q": 7, "seq_kv": 11}, mask=_tril_mask),
+    SoftmaxCase("mask-per-batch-empty-row", 23, {**_GQA, "seq_q": 8, "seq_kv": 12},
+                mask=_half_mask_with_empty_row),
     # Length-1 queries and keys (a length-1 axis must not be taken for a broadcast one).
     SoftmaxCase("one-query", 17, {**_GQA, "seq_q": 1, "seq_kv": 5},
                 score_mod=_mod(lambda: attnax.alibi_mod(4))),
