@@ -58,7 +58,7 @@ class SoftmaxCase:
     @property
     def low_precision(self) -> bool:
         """bf16/fp16 inputs: the kernels accumulate in float32, so compare loosely."""
-        return jnp.dtype(self.shape.get("dtype", jnp.float32)).itemsize < 4
+        return bool(jnp.dtype(self.shape.get("dtype", jnp.float32)).itemsize < 4)
 
 
 def _tril_mask(seed: int) -> jax.Array:
