@@ -58,6 +58,12 @@ class AttentionType(str, enum.Enum):
     LINEAR = "linear"
     LITE = "lite"
 
+    @property
+    def is_softmax(self) -> bool:
+        """Whether this backend forms per-pair softmax scores, so it computes the function
+        STANDARD computes and applies any score mod (read from the backend table)."""
+        return BACKENDS[self].pair_scores
+
 
 class LayerKernel(Protocol):
     """A kernel in the layer's (batch, seq, heads, head_dim) layout, in and out."""
@@ -103,6 +109,10 @@ class Backend:
       no_decode_reason: None where the row decodes over a KV cache with the cache's split-KV
         decode kernels, else why it cannot.
       gated: whether the layer builds a gate projection for the kernel (LITE).
+      dense_scores: whether the kernel holds the whole (seq_q, seq_kv) score matrix in memory
+        (STANDARD), so ``attnax bench`` skips lengths it cannot hold.
+      timed_causal_only: ``attnax bench`` times only the causal form (LINEAR: its non-causal
+        form is a different function, with no softmax row to compare it to).
     """
 
     attention_type: AttentionType
@@ -113,6 +123,8 @@ class Backend:
     fallback_note: str = ""
     no_decode_reason: str | None = None
     gated: bool = False
+    dense_scores: bool = False
+    timed_causal_only: bool = False
 
     @property
     def name(self) -> str:
@@ -300,7 +312,13 @@ _NO_RECURRENT_CACHE = (
 BACKENDS: Mapping[AttentionType, Backend] = {
     row.attention_type: row
     for row in (
-        Backend(AttentionType.STANDARD, standard_attention, _standard_layer, pair_scores=True),
+        Backend(
+            AttentionType.STANDARD,
+            standard_attention,
+            _standard_layer,
+            pair_scores=True,
+            dense_scores=True,
+        ),
         Backend(
             AttentionType.MEMORY_EFFICIENT,
             memory_efficient_attention,
@@ -336,6 +354,7 @@ BACKENDS: Mapping[AttentionType, Backend] = {
             _linear_layer,
             pair_scores=False,
             no_decode_reason=_NO_RECURRENT_CACHE,
+            timed_causal_only=True,
         ),
         Backend(
             AttentionType.LITE,

@@ -20,17 +20,6 @@ from attnax._bench import add_bench_arguments, run_bench
 
 __all__ = ["main"]
 
-# Backends that compute softmax attention and so must match the reference.
-_SOFTMAX_BACKENDS = frozenset(
-    {
-        attnax.AttentionType.STANDARD,
-        attnax.AttentionType.MEMORY_EFFICIENT,
-        attnax.AttentionType.FLASH,
-        attnax.AttentionType.PALLAS_FLASH,
-    }
-)
-
-
 def _bundled_spec_text() -> str:
     return (importlib.resources.files("attnax") / "_data" / "demo_spec.json").read_text()
 
@@ -96,8 +85,6 @@ def _demo(args: argparse.Namespace) -> int:
     for column in ("backend", "max |error|", "time (ms)", "note"):
         table.add_column(column)
     for backend in attnax.AttentionType:
-        if backend == attnax.AttentionType.LITE and spec.attention_fn is not None:
-            continue
         backend_spec = spec.model_copy(update={"attention_type": backend})
         try:
             # Same seed, same parameter order: every backend gets the reference's projections.
@@ -110,7 +97,7 @@ def _demo(args: argparse.Namespace) -> int:
         except NotImplementedError as error:
             table.add_row(backend.value, "-", "-", f"unavailable: {str(error).splitlines()[0]}")
             continue
-        if backend in _SOFTMAX_BACKENDS:
+        if backend.is_softmax:
             error_text = f"{float(np.max(np.abs(np.asarray(out, np.float64) - reference))):.2e}"
             note = ""
         else:

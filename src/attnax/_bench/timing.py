@@ -17,7 +17,6 @@ from attnax._backends import BACKENDS
 
 from .config import BenchConfig, BenchRow, Case
 
-_AttentionType = attnax.AttentionType
 
 # Reference scores are computed in query chunks of at most this many float32 elements, so a
 # long-sequence reference never holds the whole (B, H, T, S) matrix.
@@ -46,9 +45,9 @@ def _kernel(backend: attnax.AttentionType, case: Case, num_heads: int) -> _Kerne
         return lambda q, k, v: row.kernel(q, k, v, score_mod=score_mod)
     if row.score_mod_refusal(score_mod) is not None:
         return "no score mods"
-    # Without pair scores a causal mask is the kernel's causal form. LINEAR is timed causal
-    # only: its non-causal form is a different function with nothing here to compare to.
-    if row.attention_type is _AttentionType.LINEAR and not case.causal:
+    # Without pair scores a causal mask is the kernel's causal form; a row may be timed causal
+    # only (the table says which and why).
+    if row.timed_causal_only and not case.causal:
         return "causal only"
     causal = case.causal
     return lambda q, k, v: row.kernel(q, k, v, causal=causal)
@@ -165,7 +164,7 @@ def _measure(
     kernel = _kernel(backend, case, config.heads)
     if isinstance(kernel, str):
         return dataclasses.replace(template, status="skipped", note=kernel)
-    if backend is _AttentionType.STANDARD:
+    if BACKENDS[backend].dense_scores:
         memory_note = _quadratic_memory_note(config, template.seq)
         if memory_note is not None:
             return dataclasses.replace(template, status="skipped", note=memory_note)

@@ -70,41 +70,8 @@ def _assert_matches(
         assert relative_error(got, want) < TOL, name
 
 
-CASES: dict[str, tuple[dict[str, Any], Any]] = {
-    # uneven (13 is not a multiple of the block) and unequal lengths, no mod
-    "plain-uneven": ({"seq_q": 13, "seq_kv": 19}, None),
-    "causal-gqa": ({"num_heads": 4, "num_kv_heads": 2, "seq_q": 17}, mods.causal_mod()),
-    "window-mqa-noncausal": (
-        {"num_heads": 4, "num_kv_heads": 1, "seq_q": 15, "seq_kv": 11},
-        mods.sliding_window_mod(3, causal=False),
-    ),
-    "alibi-causal-softcap": (
-        {"seq_q": 12},
-        mods.compose_score_mods(mods.softcap_mod(2.0), mods.causal_mod(), mods.alibi_mod(4)),
-    ),
-    "document-prefix-offset": (
-        {"seq_q": 10, "seq_kv": 14},
-        mods.compose_score_mods(
-            mods.document_mask_mod(
-                jnp.array([[0] * 6 + [1] * 8, [0] * 3 + [1] * 11])[:, :10],
-                jnp.array([[0] * 6 + [1] * 8, [0] * 3 + [1] * 11]),
-            ),
-            mods.shift_positions(
-                mods.prefix_lm_mod(jnp.array([2, 5])), q_offset=jnp.array([4, 2]), kv_offset=0
-            ),
-        ),
-    ),
-    "plain-callable": (
-        {"seq_q": 9},
-        lambda s, b, h, q, kv: s + 0.1 * jnp.cos(1.0 * (q - 2 * kv + h)),
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case: str) -> None:
-    shape, score_mod = CASES[case]
-    _assert_matches(sorted(CASES).index(case), score_mod=score_mod, **shape)
+# Head groupings, uneven lengths, windows, ALiBi, softcap, document/prefix masks and plain
+# callables at block_size=4 are the shared base's (tests/kernels/test_softmax_kernels.py).
 
 
 def test_single_block_and_large_block_size() -> None:
