@@ -378,3 +378,7 @@ for _row in BACKENDS.values():
     if _row.fallback is not None:
         register_fallback(getattr(_row.kernel, "__name__"), _row.fallback)
 del _row
+# ring_attention is no row (it is sequence parallelism over a mesh axis, not a backend of its
+# own), but outside a bound mesh axis of two or more devices it has no ring to run and hands the
+# call to MEMORY_EFFICIENT through the same door.
+register_fallback("ring_attention", _memory_efficient_fallback)

@@ -30,7 +30,7 @@ from ..._typing import (
 )
 from .._common import default_scale
 from .._dtypes import promote_qkv
-from ..memory_efficient import memory_efficient_attention
+from .._fallback import fallback
 from .layout import RingLayout, check_divides, check_layout, from_ring_layout, to_ring_layout
 from .plan import (
     FusedPairs,
@@ -71,8 +71,8 @@ def ring_attention(
     ``O(T / P)``.
 
     Without ``axis_name``, or with one that no enclosing ``shard_map``/``pmap`` binds, this is
-    single-device attention on the arrays given (``memory_efficient_attention``; dropout and any
-    dense mask supported there).
+    single-device attention on the arrays given (``memory_efficient_attention``, the fallback the
+    backend table registers; dropout and any dense mask supported there).
 
     Args:
       query: local shard (batch, heads, seq_q / P, head_dim).
@@ -149,8 +149,9 @@ def ring_attention(
     )
     num_shards = bound_axis_size(axis_name)
     if num_shards is None or num_shards == 1:
-        # The single-device path: no ring to run.
-        return memory_efficient_attention(
+        # The single-device path: no ring to run; the backend table names what serves it
+        # (MEMORY_EFFICIENT), so this kernel imports no other kernel.
+        single_device: AttentionOutput = fallback("ring_attention")(
             query,
             key,
             value,
@@ -162,6 +163,7 @@ def ring_attention(
             block_size=block_size,
             scale=scale,
         )
+        return single_device
     key_mask = check_ring_shards(
         query,
         key,
