@@ -284,6 +284,7 @@ class GenerateResult(Generic[CacheT]):
             )
 
 
+# Over 100 lines only through its docstring, the public contract; the body is short.
 def generate(
     step_fn: ForwardFn[CacheT],
     cache: CacheT,

@@ -43,7 +43,8 @@ class MultiHeadAttention(nnx.Module):
       num_kv_heads: key/value heads, a divisor of ``num_heads`` (default ``num_heads``).
       dropout_rate: dropout on the layer's output.
       broadcast_dropout: share the output-dropout mask across the batch.
-      decode: reserved for a stateful decode mode; decoding goes through ``kv_cache=``.
+      decode: must stay False (a ValueError otherwise): the layer keeps no cache; decode by
+        passing ``kv_cache=`` to the call, or with :func:`attnax.generate`.
       attention_type: the backend (:class:`AttentionType` or its string value).
       attention_block_size: block size of the blockwise backends (PALLAS_FLASH rounds it down to
         a power of two and clamps it to [16, 128] for its query tiles, and to at most 64 for

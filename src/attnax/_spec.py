@@ -203,6 +203,22 @@ class AttentionSpec(BaseModel, frozen=True, extra="forbid"):
         return self
 
     @model_validator(mode="after")
+    def _decode_goes_through_kv_cache(self) -> Self:
+        # flax's decode=True keeps the cache inside the layer; attnax keeps none, so accepting
+        # decode=True would be an argument silently ignored.
+        if self.decode:
+            raise _field_error(
+                "decode",
+                "decode_needs_kv_cache",
+                "decode=True is not a mode of attnax's layer: it keeps no cache inside itself. "
+                "Create a cache (attnax.init_kv_layer_cache or init_paged_kv_cache) and pass it "
+                "as layer(x, kv_cache=cache), or run a whole loop with attnax.generate; "
+                "leave decode=False.",
+                self.decode,
+            )
+        return self
+
+    @model_validator(mode="after")
     def _rope_needs_even_head_dim(self) -> Self:
         if self.use_rope and self.head_dim % 2 != 0:
             raise _field_error(

@@ -117,6 +117,7 @@ def _mask_score_mod(
     return MaskScoreMod(AndMask(tuple(masks)))
 
 
+# Over 100 lines only through its docstring, the public contract; the body is short.
 def attend_with_cache(
     query: QueryArray,
     keys_new: Float[Array, "B Hk T D"],
