@@ -13,7 +13,6 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 

@@ -29,6 +29,7 @@ __all__ = [
     "shape_checks_enabled",
 ]
 
+
 def positive_int(value: int, argument: str, *, caller: str | None = None) -> int:
     """``value`` as an int if it is a positive integer (not a bool), else a ValueError naming
     ``argument`` (and the ``caller``, when given)."""

@@ -20,6 +20,7 @@ from attnax._bench import add_bench_arguments, run_bench
 
 __all__ = ["main"]
 
+
 def _bundled_spec_text() -> str:
     return (importlib.resources.files("attnax") / "_data" / "demo_spec.json").read_text()
 

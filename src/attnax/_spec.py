@@ -44,6 +44,7 @@ _DropoutRate = Annotated[float, Field(ge=0.0, lt=1.0)]
 # (NaN outputs, found by the property test).
 _RopeBase = Annotated[float, Field(gt=1.0)]
 
+
 def _field_error(field: str, kind: str, message: str, value: Any, **context: Any) -> ValidationError:
     """A ValidationError located at ``field`` (pydantic puts model-validator errors at the root)."""
     return ValidationError.from_exception_data(

@@ -10,14 +10,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from attnax._mods import causal_mod
 from attnax.kernels._standard import standard_attention
 from attnax.kernels.ring import (
-    RingLayout,
     from_ring_layout,
     ring_attention,
     ring_attention_reference,
@@ -25,31 +23,11 @@ from attnax.kernels.ring import (
     to_ring_layout,
 )
 from tests._reference import random_qkv, relative_error
+from tests.kernels.ring._mesh import in_global_order as _global, ring_mesh as _mesh
 
 
 TOL = 2e-5
 
-def _mesh(size: int) -> Mesh:
-    devices = jax.devices()
-    if len(devices) < size:
-        pytest.skip(f"needs {size} devices (conftest sets 8 virtual CPU devices)")
-    return Mesh(np.array(devices[:size]), ("ring",))
-
-def _global(
-    body: Callable[..., jax.Array], mesh: Mesh, layout: RingLayout, *, check_vma: bool
-) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """``body`` in shard_map over the sequence, taking and returning global-order arrays."""
-    num_shards = mesh.shape["ring"]
-    spec = PartitionSpec(None, None, "ring", None)  # type: ignore[no-untyped-call]
-    mapped = jax.shard_map(
-        body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma
-    )
-
-    def run(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        arranged = (to_ring_layout(x, num_shards, layout) for x in (q, k, v))
-        return from_ring_layout(mapped(*arranged), num_shards, layout)
-
-    return run
 
 def test_ring_attention_reference_matches_standard_inside_shard_map() -> None:
     mesh = _mesh(4)
@@ -63,6 +41,7 @@ def test_ring_attention_reference_matches_standard_inside_shard_map() -> None:
     ordered = [to_ring_layout(x, 4, "striped") for x in (q, k, v)]
     out = from_ring_layout(jax.jit(mapped)(*ordered), 4, "striped")
     assert relative_error(out, standard_attention(q, k, v, score_mod=causal_mod())) < TOL
+
 
 def test_local_path_without_axis_name_and_with_unbound_axis() -> None:
     q, k, v = random_qkv(4, batch=1, num_heads=4, num_kv_heads=2, seq_q=12, head_dim=8)
@@ -78,6 +57,7 @@ def test_local_path_without_axis_name_and_with_unbound_axis() -> None:
         q, k, v, dropout_rng=jax.random.key(0), dropout_rate=0.5, deterministic=False
     )
     assert dropped.shape == q.shape
+
 
 def test_errors() -> None:
     mesh = _mesh(4)
@@ -111,6 +91,7 @@ def test_errors() -> None:
             ),
             16,
         )
+
 
 def test_layer_with_ring_attention_fn_inside_shard_map() -> None:
     """MultiHeadAttention(attention_fn=partial(ring_attention, ...)) with RoPE at global positions."""
@@ -151,6 +132,7 @@ def test_layer_with_ring_attention_fn_inside_shard_map() -> None:
     out = from_ring_layout(out[:, None], 4, "zigzag")[:, 0]
     assert relative_error(out, expected) < TOL
 
+
 def test_ring_attention_dispatch_stays_generic_on_cpu() -> None:
     """Without a GPU, ring_attention keeps the generic (XLA tile) ring: same values."""
     mesh = _mesh(2)
@@ -161,6 +143,7 @@ def test_ring_attention_dispatch_stays_generic_on_cpu() -> None:
     out = jax.jit(_global(body, mesh, "zigzag", check_vma=True))(q, k, v)
     assert relative_error(out, standard_attention(q, k, v, score_mod=causal_mod())) < 2e-5
 
+
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
 def test_fused_pairs_true_names_the_reason() -> None:
     mesh = _mesh(2)
@@ -170,6 +153,7 @@ def test_fused_pairs_true_names_the_reason() -> None:
     )
     with pytest.raises(NotImplementedError, match="fused_pairs=True.*NVIDIA GPU"):
         _global(body, mesh, "contiguous", check_vma=True)(q, k, v)
+
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU refusal")
 def test_public_entry_names_what_is_missing() -> None:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
@@ -21,17 +20,13 @@ from attnax.kernels._standard import standard_attention
 from attnax.kernels.ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
 from attnax.kernels.ring import cudnn, pair_kernels
 from tests._reference import random_qkv, relative_error
+from tests.kernels.ring._mesh import ring_mesh as _mesh
 
-
-def _mesh(size: int) -> Mesh:
-    devices = jax.devices()
-    if len(devices) < size:
-        pytest.skip(f"needs {size} devices")
-    return Mesh(np.array(devices[:size]), ("ring",))
 
 def _weighted_sum(out: jax.Array) -> jax.Array:
     weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
     return jnp.sum(out.astype(jnp.float32) * weights)
+
 
 def _sharded(
     body: Callable[..., jax.Array], mesh: Mesh, layout: RingLayout
@@ -45,6 +40,7 @@ def _sharded(
         return from_ring_layout(mapped(*arranged), num_shards, layout)
 
     return run
+
 
 @pytest.mark.parametrize(
     ("layout", "causal", "num_shards", "kv_heads"),
@@ -85,6 +81,7 @@ def test_schedule_matches_standard(
     for name, g, w in zip("qkv", got, want, strict=True):
         assert relative_error(g, w) < 2e-5, name
 
+
 def test_causal_pairs_refuse_an_unplanned_layout() -> None:
     q, k, v = random_qkv(13, num_heads=4, num_kv_heads=2, seq_q=16, head_dim=8)
     with pytest.raises(ValueError, match="causal pairs need layout contiguous or zigzag, got striped"):
@@ -92,6 +89,7 @@ def test_causal_pairs_refuse_an_unplanned_layout() -> None:
             q, k, v, axis_name="ring", num_shards=2, layout="striped", causal=True,
             scale=8**-0.5, pair="xla",
         )
+
 
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_bf16_accumulators(num_shards: int) -> None:
@@ -121,6 +119,7 @@ def test_bf16_accumulators(num_shards: int) -> None:
     for name, g, w in zip("qkv", got, want, strict=True):
         assert g.dtype == jnp.bfloat16
         assert relative_error(g, w) < 2e-2, name
+
 
 def test_xla_pair_backward_uses_global_statistics() -> None:
     """The pair backward given the global out/lse returns that pair's share of the gradient."""
@@ -156,6 +155,7 @@ def _bf16_qkv(seed: int, seq: int, kv_heads: int) -> tuple[jax.Array, ...]:
         jax.random.normal(key, s, jnp.bfloat16) for key, s in zip(keys, shapes, strict=True)
     )
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_pair_kernels_match_xla(causal: bool) -> None:
@@ -177,6 +177,7 @@ def test_cudnn_pair_kernels_match_xla(causal: bool) -> None:
     want = pair_kernels.xla_backward(*args, causal=causal, scale=scale)
     for name, g, w in zip("qkv", got, want, strict=True):
         assert relative_error(g, w) < 2e-2, name
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

@@ -12,16 +12,15 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
 
 from attnax._mods import causal_mod
 from attnax.kernels.pallas_flash import FlashConfig
 from attnax.kernels._standard import standard_attention
-from attnax.kernels.ring import RingLayout, from_ring_layout, ring_attention, to_ring_layout
+from attnax.kernels.ring import RingLayout, ring_attention
 from attnax.kernels.ring.pallas import pallas_ring
 from tests._reference import output_and_vjp, random_qkv, relative_error
+from tests.kernels.ring._mesh import in_global_order as _global, ring_mesh as _mesh
 
 
 # Small tiles, so a shard spans several blocks and the zigzag halves fall inside a block
@@ -36,33 +35,13 @@ _TILES = FlashConfig(
     interpret=True,
 )
 
-def _mesh(size: int) -> Mesh:
-    devices = jax.devices()
-    if len(devices) < size:
-        pytest.skip(f"needs {size} devices")
-    return Mesh(np.array(devices[:size]), ("ring",))
-
-def _global(
-    body: Callable[..., jax.Array], mesh: Mesh, layout: RingLayout, *, check_vma: bool
-) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """``body`` in shard_map over the sequence, taking and returning global-order arrays."""
-    num_shards = mesh.shape["ring"]
-    spec = PartitionSpec(None, None, "ring", None)  # type: ignore[no-untyped-call]
-    mapped = jax.shard_map(
-        body, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=check_vma
-    )
-
-    def run(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        arranged = (to_ring_layout(x, num_shards, layout) for x in (q, k, v))
-        return from_ring_layout(mapped(*arranged), num_shards, layout)
-
-    return run
 
 def _standard(causal: bool) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     mod = causal_mod() if causal else None
     return functools.partial(
         standard_attention, score_mod=mod, precision=jax.lax.Precision.HIGHEST
     )
+
 
 def _compare(
     ring: Callable[..., jax.Array],
@@ -79,6 +58,7 @@ def _compare(
     for name, got, want in zip("qkv", grads, want_grads, strict=True):
         assert got.dtype == inputs[0].dtype, name
         assert relative_error(got, want) < tolerance, name
+
 
 @pytest.mark.parametrize(
     ("layout", "causal", "num_shards", "kv_heads", "seq"),
@@ -105,6 +85,7 @@ def test_values_and_gradients_match_standard(
         config=_TILES,
     )
     _compare(_global(body, mesh, layout, check_vma=False), inputs, causal, 2e-5)
+
 
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_bf16_inputs(num_shards: int) -> None:

@@ -44,6 +44,7 @@ def test_fused_pair_plan_on_a_hopper(
     else:
         assert plan[1] is not None and expected in plan[1]
 
+
 @pytest.mark.parametrize(
     ("mod", "layout", "masked", "expected"),
     [

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 from attnax._mods import (
     additive_bias_mod,
@@ -24,15 +23,11 @@ from attnax._mods import (
 from attnax.kernels._standard import standard_attention
 from attnax.kernels.ring import sharded_ring_attention
 from tests._reference import random_qkv, reference_attention, relative_error
+from tests.kernels.ring._mesh import ring_mesh as _mesh
 
 
 TOL = 2e-5
 
-def _mesh(size: int) -> Mesh:
-    devices = jax.devices()
-    if len(devices) < size:
-        pytest.skip(f"needs {size} devices (conftest sets 8 virtual CPU devices)")
-    return Mesh(np.array(devices[:size]), ("ring",))
 
 def _loss(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     def loss(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -41,6 +36,7 @@ def _loss(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         return jnp.sum(out * weights)
 
     return loss
+
 
 def _assert_matches(ring: Callable[..., jax.Array], standard: Callable[..., jax.Array], qkv: Any) -> None:
     out = jax.jit(ring)(*qkv)
@@ -64,6 +60,7 @@ CASES = [
     ("striped", "causal", 32, 4),
 ]
 
+
 def _mod(kind: str, num_heads: int) -> Any:
     return {
         "none": None,
@@ -71,6 +68,7 @@ def _mod(kind: str, num_heads: int) -> Any:
         "alibi_causal": compose_score_mods(alibi_mod(num_heads), causal_mod()),
         "window": sliding_window_mod(5),
     }[kind]
+
 
 @pytest.mark.parametrize(("layout", "kind", "seq", "block_size"), CASES)
 def test_ring_matches_standard_gqa(layout: str, kind: str, seq: int, block_size: int) -> None:
@@ -95,6 +93,7 @@ def test_ring_matches_standard_gqa(layout: str, kind: str, seq: int, block_size:
         atol=1e-5,
     )
 
+
 def test_ring_eight_devices_zigzag_causal_mqa() -> None:
     mesh = _mesh(8)
     qkv = random_qkv(8, batch=1, num_heads=2, num_kv_heads=1, seq_q=32, head_dim=8)
@@ -108,6 +107,7 @@ def test_ring_eight_devices_zigzag_causal_mqa() -> None:
         return standard_attention(q, k, v, score_mod=causal_mod())
 
     _assert_matches(ring, standard, qkv)
+
 
 def test_ring_key_padding_mask_softcap_and_empty_rows() -> None:
     """A key-padding mask travels with the keys; a batch row with no keys gives zeros."""
@@ -130,6 +130,7 @@ def test_ring_key_padding_mask_softcap_and_empty_rows() -> None:
     _assert_matches(ring, standard, qkv)
     assert np.all(np.asarray(jax.jit(ring)(*qkv))[1] == 0.0)
 
+
 def test_ring_bias_gradient_is_summed_over_devices() -> None:
     """A replicated score-mod array (a learnable bias) receives the full gradient."""
     mesh = _mesh(4)
@@ -149,6 +150,7 @@ def test_ring_bias_gradient_is_summed_over_devices() -> None:
     got = jax.jit(jax.grad(ring_loss))(bias)
     want = jax.grad(standard_loss)(bias)
     assert relative_error(got, want) < TOL
+
 
 def test_ring_bf16_forward() -> None:
     mesh = _mesh(4)

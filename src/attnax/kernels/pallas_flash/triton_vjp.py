@@ -364,7 +364,7 @@ def dq_call(
     q, k, v, plan = prepared.query, prepared.key, prepared.value, prepared.plan
     batch, num_heads, padded_q, padded_d = q.shape
     num_kv_heads, padded_kv = k.shape[1], k.shape[2]
-    seq_q, seq_kv = prepared.seq_q, prepared.seq_kv
+    seq_kv = prepared.seq_kv
     group = num_heads // num_kv_heads
     # Grid over query blocks, key blocks listed per query block.
     bq, num_warps, num_stages = dq_launch(config, prepared)

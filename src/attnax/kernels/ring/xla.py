@@ -26,6 +26,7 @@ from .blockwise import blockwise_pair_backward, blockwise_pair_forward
 from .layout import shard_positions
 from .tiles import BlockwiseConfig, TiledPair, tile_classes, varying_zero
 
+
 def _vary_over_ring(array: Array, axis_name: Hashable) -> Array:
     """Mark a replicated (ring-invariant) array as varying over ``axis_name``.
 
